@@ -1,0 +1,202 @@
+"""The two solvers of the n x n step (Python floats on the host, tensor operations elsewhere) agree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import pytest
+import torch
+
+from tolaria.functional import _host_solver
+from tolaria.functional.aggregation import Aggregate, mean_grads, pcgrad, pcgrad_orders, sum_grads, weighted
+from tolaria.testing import pcgrad_reference
+
+
+@pytest.fixture
+def device_solver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every aggregation through the tensor solver, as on an accelerator or under torch.func."""
+    monkeypatch.setattr(_host_solver, "eligible", lambda raw: False)
+
+
+def _both(run: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Aggregate, Aggregate]:
+    host = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(_host_solver, "eligible", lambda raw: False)
+        device = run()
+    return host, device
+
+
+def _assert_same(host: Aggregate, device: Aggregate, tolerance: float) -> None:
+    for left, right in zip(optree.tree_leaves(host.grad), optree.tree_leaves(device.grad), strict=True):
+        assert left.dtype == right.dtype
+        torch.testing.assert_close(left, right, rtol=tolerance, atol=tolerance)
+    for name in ("conflict_ratio", "cosine", "norms", "weights"):
+        torch.testing.assert_close(
+            getattr(host.stats, name), getattr(device.stats, name), rtol=tolerance, atol=tolerance
+        )
+    assert host.stats.conflicts.item() == device.stats.conflicts.item()
+    assert host.stats.conflicts.dtype == device.stats.conflicts.dtype == torch.int64
+    assert host.stats.precision_loss.item() == device.stats.precision_loss.item()
+
+
+def test_eligible_for_plain_cpu_gram() -> None:
+    assert _host_solver.eligible(torch.ones(3, 3))
+
+
+def test_not_eligible_with_autograd_history() -> None:
+    assert not _host_solver.eligible(torch.ones(3, 3, requires_grad=True))
+
+
+def test_not_eligible_for_many_objectives() -> None:
+    count = _host_solver.MAX_OBJECTIVES + 1
+    assert not _host_solver.eligible(torch.ones(count, count))
+
+
+def test_not_eligible_off_cpu() -> None:
+    assert not _host_solver.eligible(torch.empty(2, 2, device="meta"))
+
+
+def test_not_eligible_under_vmap() -> None:
+    seen = []
+
+    def probe(gram: torch.Tensor) -> torch.Tensor:
+        seen.append(_host_solver.eligible(gram))
+        return gram.sum()
+
+    torch.vmap(probe)(torch.ones(4, 2, 2))
+    assert seen == [False]
+
+
+def test_solvers_agree_on_random_cases(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(2)
+    for case in range(60):
+        count = 2 + case % 7
+        grads = list(torch.randn(count, 3 + case % 11, generator=generator, dtype=torch.float64))
+        if case % 4 == 0:
+            grads[case % count] = torch.zeros_like(grads[0])
+        if case % 3 == 0:
+            grads[0] = -grads[1]
+        reduction = "mean" if case % 2 else "sum"
+        eps = 0.1 if case % 5 == 0 else 0.0
+        rescale = case % 6 == 0
+        orders = pcgrad_orders(count, case)
+
+        host, device = _both(
+            lambda: pcgrad(grads, orders=orders, reduction=reduction, eps=eps, rescale=rescale),  # noqa: B023
+            monkeypatch,
+        )
+
+        _assert_same(host, device, tolerance=1e-10)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_solvers_agree_on_fixed_weights(rescale: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(3)
+    grads = [{"w": torch.randn(4, 3, generator=generator), "b": torch.randn(3, generator=generator)} for _ in range(4)]
+
+    for run in (
+        lambda: sum_grads(grads, rescale=rescale),
+        lambda: mean_grads(grads, rescale=rescale),
+        lambda: weighted(grads, torch.tensor([0.5, 1.0, 2.0, 0.0]), rescale=rescale),
+    ):
+        host, device = _both(run, monkeypatch)
+        _assert_same(host, device, tolerance=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "rescale"),
+    [
+        (torch.float16, 300.0, False),
+        (torch.bfloat16, 1e30, False),
+        (torch.float32, 1e25, False),
+        (torch.float32, 1e-25, False),
+        (torch.float32, 1e25, True),
+        (torch.float32, 1e-40, True),
+    ],
+)
+def test_solvers_agree_on_extreme_scales(
+    dtype: torch.dtype, scale: float, rescale: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(4)
+    rows = torch.randn(3, 64, generator=generator, dtype=torch.float64)
+    rows[1] = -rows[0] + 0.2 * rows[1]
+    grads = [(row * scale).to(dtype) for row in rows]
+
+    host, device = _both(lambda: pcgrad(grads, orders=pcgrad_orders(3, 1), rescale=rescale), monkeypatch)
+
+    tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    assert host.stats.precision_loss.item() == device.stats.precision_loss.item()
+    for result in (host, device):
+        assert torch.isfinite(result.grad).all()
+    if not host.stats.precision_loss.item():
+        torch.testing.assert_close(host.grad.double(), device.grad.double(), rtol=tolerance, atol=0.0)
+
+
+def test_solvers_agree_on_absent_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    grads = [{"w": torch.tensor([1.0, -1.0])}, {"w": None}, {"w": torch.tensor([-1.0, 0.0])}]
+
+    host, device = _both(lambda: pcgrad(grads, seed=5), monkeypatch)
+
+    _assert_same(host, device, tolerance=1e-6)
+    assert not host.stats.precision_loss.item()
+
+
+def test_solvers_agree_on_non_finite_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    grads = [torch.tensor([1.0, float("inf")]), torch.tensor([-1.0, 0.0])]
+
+    host, device = _both(lambda: pcgrad(grads, seed=0), monkeypatch)
+
+    assert host.stats.precision_loss.item()
+    assert device.stats.precision_loss.item()
+    assert not torch.isfinite(host.grad).all()
+    assert not torch.isfinite(device.grad).all()
+
+
+@pytest.mark.usefixtures("device_solver")
+def test_device_solver_matches_reference() -> None:
+    generator = torch.Generator().manual_seed(6)
+    for case in range(30):
+        count = 2 + case % 6
+        grads = list(torch.randn(count, 9, generator=generator, dtype=torch.float64))
+        orders = pcgrad_orders(count, case)
+        torch.testing.assert_close(pcgrad(grads, orders=orders).grad, pcgrad_reference(grads, orders))
+
+
+def test_many_objectives_use_tensor_solver_and_match_reference() -> None:
+    count = _host_solver.MAX_OBJECTIVES + 4
+    grads = list(torch.randn(count, 30, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    orders = pcgrad_orders(count, 8)
+
+    result = pcgrad(grads, orders=orders)
+
+    torch.testing.assert_close(result.grad, pcgrad_reference(grads, orders))
+
+
+def test_pcgrad_is_differentiable_through_tensor_solver() -> None:
+    # Inputs with autograd history keep the computation in tensor operations, so the graph survives.
+    generator = torch.Generator().manual_seed(9)
+    grads = [torch.randn(5, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    grads[1].data = -grads[0].data + 0.1 * grads[1].data
+    orders = pcgrad_orders(3, 0)
+
+    result = pcgrad(grads, orders=orders)
+    result.grad.square().sum().backward()
+
+    expected = pcgrad_reference([gradient.detach() for gradient in grads], orders)
+    torch.testing.assert_close(result.grad.detach(), expected)
+    for gradient in grads:
+        assert gradient.grad is not None
+        assert torch.isfinite(gradient.grad).all()
+
+
+def test_weighted_keeps_graph_of_learned_weights() -> None:
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])]
+    weights = torch.tensor([0.25, 0.75], requires_grad=True)
+
+    result = weighted(grads, weights, normalize=False)
+    result.grad.sum().backward()
+
+    torch.testing.assert_close(result.grad.detach(), torch.tensor([2.5, -0.25]))
+    assert weights.grad is not None
+    torch.testing.assert_close(weights.grad, torch.tensor([3.0, 2.0]))

@@ -1,0 +1,214 @@
+"""Trainer on small real problems: learning, skipping non-finite steps, clear errors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tolaria import Trainer, TrainerConfig
+from tolaria.data import EpochBatches
+from tolaria.telemetry import InMemorySink, Telemetry, read_jsonl
+
+
+class TwoHeadNet(nn.Module):
+    """A shared linear trunk with two regression heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.head_a = nn.Linear(16, 1)
+        self.head_b = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.trunk(x)
+        return self.head_a(shared).squeeze(-1), self.head_b(shared).squeeze(-1)
+
+
+def regression_objectives(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> Mapping[str, torch.Tensor]:
+    x, y_a, y_b = batch
+    out_a, out_b = model(x)
+    return {"a": nn.functional.mse_loss(out_a, y_a), "b": nn.functional.mse_loss(out_b, y_b)}
+
+
+def make_data(samples: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(samples, 4, generator=generator)
+    return x, x[:, 0] - 2 * x[:, 1], torch.sin(x[:, 2]) + 0.5 * x[:, 3]
+
+
+def make_trainer(config: TrainerConfig, telemetry: Telemetry | None = None, **kwargs: object) -> Trainer:
+    torch.manual_seed(0)
+    model = TwoHeadNet()
+    x, y_a, y_b = make_data()
+    train = EpochBatches(x, y_a, y_b, batch_size=32, seed=0)
+    val = EpochBatches(x[:64], y_a[:64], y_b[:64], batch_size=64, shuffle=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return Trainer(model, optimizer, regression_objectives, train, val, config, telemetry=telemetry, **kwargs)
+
+
+@pytest.mark.parametrize("aggregator", ["sum", "mean", "pcgrad", "weighted"])
+def test_fit_decreases_losses(aggregator: str) -> None:
+    weights = (1.0, 0.5) if aggregator == "weighted" else None
+    trainer = make_trainer(TrainerConfig(epochs=6, aggregator=aggregator, weights=weights, device="cpu"))
+    result = trainer.fit()
+    first, last = result.epochs[0], result.epochs[-1]
+    for name in ("a", "b"):
+        assert last.train_loss[name] < 0.5 * first.train_loss[name], (name, first.train_loss, last.train_loss)
+        assert last.val_loss[name] < first.val_loss[name]
+    assert result.global_step == 6 * 8
+    assert last.skipped_steps == 0
+
+
+def test_batched_and_loop_gradients_agree() -> None:
+    batched = make_trainer(TrainerConfig(epochs=2, aggregator="pcgrad", gradient_mode="batched", device="cpu"))
+    loop = make_trainer(TrainerConfig(epochs=2, aggregator="pcgrad", gradient_mode="loop", device="cpu"))
+    batched.fit()
+    loop.fit()
+    for (name, p_batched), (_, p_loop) in zip(
+        batched.model.named_parameters(), loop.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_batched, p_loop, msg=name, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_same_metrics() -> None:
+    first = make_trainer(TrainerConfig(epochs=2, seed=3, device="cpu")).fit()
+    second = make_trainer(TrainerConfig(epochs=2, seed=3, device="cpu")).fit()
+    assert first.epochs[-1].train_loss == second.epochs[-1].train_loss
+    assert first.epochs[-1].val_loss == second.epochs[-1].val_loss
+
+
+def test_exclusive_head_gets_its_own_gradient() -> None:
+    """A head used by one objective receives exactly that objective's gradient."""
+    trainer = make_trainer(TrainerConfig(epochs=1, aggregator="pcgrad", device="cpu"))
+    model = trainer.model
+    x, y_a, y_b = (tensor[:32] for tensor in make_data())
+    expected = torch.autograd.grad(
+        regression_objectives(model, (x, y_a, y_b))["a"], list(model.head_a.parameters())
+    )
+    before = [parameter.detach().clone() for parameter in model.head_a.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer.runner.optimizer = optimizer
+    trainer.runner.run((x, y_a, y_b), global_step=0)
+    for old, new, grad in zip(before, model.head_a.parameters(), expected, strict=True):
+        torch.testing.assert_close(new.detach(), old - 0.1 * grad)
+
+
+def test_nonfinite_loss_skips_update_bit_identically() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
+    x, y_a, y_b = (tensor[:32] for tensor in make_data())
+    trainer.runner.run((x, y_a, y_b), global_step=0)
+    parameters = [parameter.detach().clone() for parameter in trainer.model.parameters()]
+    optimizer_state = {
+        key: value.clone() for state in trainer.optimizer.state.values() for key, value in state.items()
+    }
+    y_bad = y_a.clone()
+    y_bad[0] = math.nan
+    outcome = trainer.runner.run((x, y_bad, y_b), global_step=1)
+    assert not outcome.applied
+    assert outcome.nonfinite
+    for old, new in zip(parameters, trainer.model.parameters(), strict=True):
+        assert torch.equal(old, new.detach())
+    after = {key: value for state in trainer.optimizer.state.values() for key, value in state.items()}
+    for key, value in optimizer_state.items():
+        assert torch.equal(value, after[key]), key
+
+
+def test_fit_counts_and_reports_skipped_steps() -> None:
+    telemetry = Telemetry([sink := InMemorySink()])
+    x, y_a, y_b = make_data()
+    y_a = y_a.clone()
+    y_a[5] = math.inf
+    torch.manual_seed(0)
+    model = TwoHeadNet()
+    trainer = Trainer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        regression_objectives,
+        EpochBatches(x, y_a, y_b, batch_size=32, shuffle=False),
+        config=TrainerConfig(epochs=2, device="cpu"),
+        telemetry=telemetry,
+    )
+    result = trainer.fit()
+    assert [epoch.skipped_steps for epoch in result.epochs] == [1, 1]
+    assert result.global_step == 2 * 7
+    assert telemetry.counters["tolaria.anomaly.nonfinite"] == 2
+    assert len([event for event in sink.events() if event.name == "tolaria.anomaly.nonfinite"]) == 2
+
+
+def test_wrong_input_shape_gives_clear_error() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
+    x = torch.randn(8, 5)
+    y = torch.randn(8)
+    with pytest.raises(RuntimeError, match=r"forward pass failed for a batch with tensor shapes \[\(8, 5\)"):
+        trainer.runner.run((x, y, y), global_step=0)
+
+
+def test_objectives_returning_non_scalar_rejected() -> None:
+    torch.manual_seed(0)
+    model = TwoHeadNet()
+    x, y_a, y_b = make_data(64)
+
+    def per_sample(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> Mapping[str, torch.Tensor]:
+        out_a, out_b = model(batch[0])
+        return {"a": (out_a - batch[1]) ** 2, "b": (out_b - batch[2]).pow(2).mean()}
+
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        per_sample,
+        EpochBatches(x, y_a, y_b, batch_size=32),
+        config=TrainerConfig(epochs=1, device="cpu"),
+    )
+    with pytest.raises(ValueError, match=r"objective 'a' returned \(32,\); expected a scalar floating-point tensor"):
+        trainer.fit()
+
+
+def test_weights_of_wrong_length_rejected() -> None:
+    config = TrainerConfig(epochs=1, aggregator="weighted", weights=(1.0, 1.0, 1.0), device="cpu")
+    with pytest.raises(ValueError, match=r"TrainerConfig\.weights: .*expected 2 weights"):
+        make_trainer(config).fit()
+
+
+def test_failure_is_reported_and_reraised(tmp_path: Path) -> None:
+    def broken(model: nn.Module, batch: object) -> Mapping[str, torch.Tensor]:
+        raise KeyError("label")
+
+    model = TwoHeadNet()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        broken,
+        [(torch.zeros(2, 4),)],
+        config=TrainerConfig(epochs=1, device="cpu", out_dir=tmp_path / "run"),
+    )
+    with pytest.raises(KeyError, match="label"):
+        trainer.fit()
+    events = [event for packet in read_jsonl(tmp_path / "run" / "telemetry.jsonl") for event in packet.events]
+    failed = [event for event in events if event.name == "tolaria.run.failed"]
+    assert len(failed) == 1
+    assert failed[0].attributes["error"] == "KeyError"
+
+
+def test_telemetry_file_has_epoch_packets(tmp_path: Path) -> None:
+    trainer = make_trainer(TrainerConfig(epochs=2, device="cpu", out_dir=tmp_path / "run"))
+    trainer.fit()
+    packets = list(read_jsonl(tmp_path / "run" / "telemetry.jsonl"))
+    epochs = {packet.epoch for packet in packets if any(m.name == "tolaria.train.loss" for m in packet.metrics)}
+    assert epochs == {0, 1}
+    names = {metric.name for packet in packets for metric in packet.metrics}
+    for expected in (
+        "tolaria.train.loss",
+        "tolaria.val.loss",
+        "tolaria.train.throughput",
+        "tolaria.optim.lr",
+        "tolaria.grad_agg.conflict_ratio",
+        "tolaria.grad_agg.conflicts",
+        "tolaria.grad_agg.cosine_min",
+        "tolaria.grad_agg.latency_ms",
+    ):
+        assert expected in names

@@ -1,0 +1,164 @@
+"""``CheckpointKeeper``: when the trainer writes checkpoints, and how it resumes from one.
+
+A checkpoint holds the model, optimizer, scheduler, gradient scaler, RNG states, the
+data position (epoch, batch index, global step), the loss monitor state and the
+telemetry sequence numbers. Resuming restores all of them, so a run resumed from
+step k takes bit-identical steps to an uninterrupted run on the CPU, provided the
+training data's order depends only on the epoch (``tolaria.data.EpochBatches`` or a
+loader with ``set_epoch``). The emergency level is not restored: it starts at
+NOMINAL.
+
+Under ``torch.distributed`` only rank 0 writes, and every rank waits until the
+checkpoint is committed (``tolaria.distributed.save_on_main``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tolaria import checkpoint
+from tolaria.distributed import DistributedContext, save_on_main
+from tolaria.functional import anomaly
+from tolaria.safety import Position
+from tolaria.settings import CheckpointConfig
+from tolaria.telemetry import Telemetry
+
+__all__ = ["CheckpointKeeper", "TrainingObjects"]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingObjects:
+    """The live objects a checkpoint captures and restores."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None,
+        scaler: Any | None,
+        monitor: Callable[[], anomaly.LossMonitorState | None],
+        set_monitor: Callable[[anomaly.LossMonitorState], None],
+        loss_monitor_config: anomaly.LossMonitorConfig,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.monitor = monitor
+        self.set_monitor = set_monitor
+        self.loss_monitor_config = loss_monitor_config
+
+
+def _monitor_to_extra(state: anomaly.LossMonitorState | None) -> dict[str, Any]:
+    if state is None:
+        return {}
+    return {"loss_monitor": {"history": state.history, "count": state.count, "scalar": state.scalar}}
+
+
+def _monitor_from_extra(
+    extra: Mapping[str, Any], config: anomaly.LossMonitorConfig
+) -> anomaly.LossMonitorState | None:
+    saved = extra.get("loss_monitor")
+    if not saved:
+        return None
+    return anomaly.LossMonitorState(
+        history=saved["history"], count=saved["count"], config=config, scalar=bool(saved["scalar"])
+    )
+
+
+class CheckpointKeeper:
+    """Saves checkpoints on the configured schedule and resumes from them.
+
+    Args:
+        config: schedule and rotation.
+        directory: checkpoint folder, usually ``out_dir/checkpoints``.
+        objects: the live training objects.
+        context: distributed context; only its rank 0 writes.
+        telemetry: where checkpoint events go.
+        state_extra: returns further values to save (telemetry sequence numbers).
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        directory: Path,
+        objects: TrainingObjects,
+        context: DistributedContext,
+        telemetry: Telemetry,
+        state_extra: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
+        self.config = config
+        self.directory = directory
+        self.objects = objects
+        self.context = context
+        self.telemetry = telemetry
+        self._state_extra = state_extra
+        self.saved = 0
+
+    def after_step(self, position: Position) -> None:
+        """Save when ``every_steps`` divides the global step."""
+        every = self.config.every_steps
+        if every is not None and position.global_step > 0 and position.global_step % every == 0:
+            self.save(position)
+
+    def after_epoch(self, position: Position) -> None:
+        """Save when ``every_epochs`` divides the number of completed epochs."""
+        every = self.config.every_epochs
+        if every is not None and position.epoch % every == 0:
+            self.save(position)
+
+    def save(self, position: Position, *, directory: Path | None = None) -> None:
+        """Write a checkpoint of the live objects at ``position`` (rank 0 only; others wait).
+
+        Raises:
+            CheckpointError: the write failed; the previous checkpoints are intact.
+        """
+        target = directory or self.directory
+        objects = self.objects
+        extra = {**position.to_extra(), **_monitor_to_extra(objects.monitor()), **self._state_extra()}
+
+        def write() -> None:
+            state = checkpoint.capture_training_state(
+                step=position.global_step,
+                model=objects.model,
+                optimizer=objects.optimizer,
+                scheduler=objects.scheduler,
+                scaler=objects.scaler,
+                extra=extra,
+            )
+            checkpoint.save(
+                target, state, step=position.global_step, keep_last=self.config.keep_last, telemetry=self.telemetry
+            )
+
+        save_on_main(write, self.context, step=position.global_step)
+        self.saved += 1
+
+    def resume(self, source: str | os.PathLike[str]) -> tuple[Position, Mapping[str, Any]]:
+        """Restore the newest good checkpoint from ``source`` and return its position and extra values.
+
+        ``source`` is a checkpoint folder or a run folder containing ``checkpoints/``.
+
+        Raises:
+            CheckpointNotFound: no loadable checkpoint exists there.
+        """
+        folder = Path(source)
+        if (folder / "checkpoints").is_dir():
+            folder = folder / "checkpoints"
+        info, state = checkpoint.load_latest(folder, telemetry=self.telemetry)
+        objects = self.objects
+        restored = checkpoint.restore_training_state(
+            state, model=objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler, scaler=objects.scaler
+        )
+        monitor = _monitor_from_extra(restored.extra, objects.loss_monitor_config)
+        if monitor is not None:
+            objects.set_monitor(monitor)
+        position = Position.from_extra(restored.extra)
+        logger.info("resumed from %s at epoch %d, batch %d, step %d", info, *position.to_extra().values())
+        return position, restored.extra

@@ -1,0 +1,168 @@
+"""The ``[n, n]`` part of aggregation in plain Python floats, for a CPU Gram matrix in eager mode.
+
+A CPU tensor's values are in host memory, so reading the ``n x n`` Gram matrix
+costs no device synchronisation. For the few objectives of multi-task training the
+``n x n`` work is a few hundred floating-point operations, so the fixed cost of
+dispatching several dozen tiny tensor operations (a few microseconds each) would
+dominate it. Python floats (float64) do the same work several times faster. ``_device_solver`` computes the same
+quantities with tensor operations; ``eligible`` chooses between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tolaria.functional._checks import can_read_values
+from tolaria.functional._gram import GradientMatrix
+from tolaria.functional._types import AggregationStats, Solution
+
+__all__ = ["MAX_OBJECTIVES", "eligible", "solve_pcgrad", "solve_weighted"]
+
+MAX_OBJECTIVES = 16
+"""Above this many objectives the O(n^3) Python recursion costs more than the tensor operations."""
+
+Matrix = list[list[float]]
+
+
+def eligible(raw: Tensor) -> bool:
+    """Return whether the Gram matrix ``raw`` can be solved here.
+
+    That needs a CPU tensor without autograd history (the result would lose its
+    graph), outside ``torch.compile`` and ``torch.func`` transforms, and at most
+    ``MAX_OBJECTIVES`` objectives.
+    """
+    return (
+        raw.device.type == "cpu" and raw.shape[0] <= MAX_OBJECTIVES and not raw.requires_grad and can_read_values(raw)
+    )
+
+
+def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool]:
+    """Return the Gram matrix with non-finite entries set to 0 and whether it may be inexact.
+
+    The rule is ``_device_solver.check_precision``'s: a squared norm outside
+    ``[underflow_floor, overflow_ceiling]`` (or NaN) is flagged, except an exact 0 for an
+    objective that is ``None`` in every leaf.
+    """
+    loss = False
+    for k, row in enumerate(gram):
+        value = row[k]
+        in_range = matrix.underflow_floor <= value <= matrix.overflow_ceiling
+        if not in_range and not (value == 0.0 and k in matrix.absent):
+            loss = True
+    clean = [[value if math.isfinite(value) else 0.0 for value in row] for row in gram]
+    return clean, loss
+
+
+def _log2_norms(matrix: GradientMatrix, gram: Matrix) -> list[float]:
+    """Return ``log2 ||g_k||`` of the original gradients (``-inf`` for a zero one)."""
+    exponents = matrix.exponents.tolist() if matrix.exponents is not None else [0.0] * len(gram)
+    return [0.5 * math.log2(row[k]) - exponents[k] if row[k] > 0 else -math.inf for k, row in enumerate(gram)]
+
+
+def _projection_targets(matrix: GradientMatrix, gram: Matrix, eps: float) -> list[bool]:
+    if eps == 0.0:
+        return [row[k] > 0 for k, row in enumerate(gram)]
+    log_norms = _log2_norms(matrix, gram)
+    threshold = max(log_norms) + math.log2(eps)
+    return [value > threshold for value in log_norms]
+
+
+def _project_coefficients(gram: Matrix, orders: Sequence[Sequence[int]], targets: list[bool]) -> Matrix:
+    """Run Algorithm 1 of PCGrad in coefficient space: row ``i`` contains ``g_i^PC = sum_k C[i][k] g_k``."""
+    count = len(gram)
+    coefficients = [[1.0 if k == i else 0.0 for k in range(count)] for i in range(count)]
+    for i, row in enumerate(coefficients):
+        # products[m] = <g_i^PC, g_m> = sum_k C[i][k] G[k][m], kept up to date as C[i] changes,
+        # so that a visit without a conflict costs one lookup.
+        products = list(gram[i])
+        for j in orders[i]:
+            inner = products[j]
+            if inner < 0.0 and targets[j]:
+                amount = inner / gram[j][j]
+                row[j] -= amount
+                products = [product - amount * value for product, value in zip(products, gram[j], strict=True)]
+    return coefficients
+
+
+def _scales(matrix: GradientMatrix) -> list[float]:
+    """Return ``2**-e[k]``, which maps a per-row value of the scaled matrix back to the original gradient."""
+    if matrix.exponents is None:
+        return [1.0] * matrix.objectives
+    return [2.0 ** (-exponent) for exponent in matrix.exponents.tolist()]
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _cosine(clean: Matrix) -> list[float]:
+    """Return the cosine similarities, row-major, with 0 in the rows and columns of zero gradients."""
+    inverse_norms = [1.0 / math.sqrt(row[k]) if row[k] > 0 else 0.0 for k, row in enumerate(clean)]
+    return [
+        min(1.0, max(-1.0, value * inverse_norms[i] * inverse_norms[j]))
+        for i, row in enumerate(clean)
+        for j, value in enumerate(row)
+    ]
+
+
+def _norm(squared: float, scale: float) -> float:
+    # A NaN squared norm (non-finite input) gives a NaN norm; sqrt would reject a negative one, which cannot occur.
+    return math.sqrt(squared) * scale if squared >= 0 else math.nan
+
+
+def _solution(
+    matrix: GradientMatrix, gram: Matrix, clean: Matrix, loss: bool, weights: list[float], row_weights: list[float]
+) -> Solution:
+    """Compute the statistics and pack everything into tensors of the Gram matrix's dtype."""
+    count = matrix.objectives
+    scales = _scales(matrix)
+    norms = [_norm(row[k], scales[k]) for k, row in enumerate(gram)]
+    conflicts = sum(1 for i, row in enumerate(clean) for value in row[i + 1 :] if value < 0)
+    ratio = conflicts / max(count * (count - 1) // 2, 1)  # 0 when n <= 1: no pairs, no conflicts
+
+    # One tensor contains every float and the statistics are views of it: one copy instead of five.
+    packed = torch.tensor([*_cosine(clean), *norms, *weights, *row_weights, ratio], dtype=matrix.gram_dtype)
+    square = count * count
+    stats = AggregationStats(
+        conflicts=torch.tensor(conflicts, dtype=torch.int64),
+        conflict_ratio=packed[-1],
+        cosine=packed[:square].view(count, count),
+        norms=packed[square : square + count],
+        weights=packed[square + count : square + 2 * count],
+        precision_loss=torch.tensor(loss),
+    )
+    return Solution(packed[square + 2 * count : square + 3 * count], stats)
+
+
+def solve_weighted(matrix: GradientMatrix, raw: Tensor, weights: Sequence[float]) -> Solution:
+    """Combine the objectives with fixed ``weights`` (``n`` floats)."""
+    gram: Matrix = raw.tolist()
+    clean, loss = _check_precision(matrix, gram)
+    scales = _scales(matrix)
+    row_weights = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
+    return _solution(matrix, gram, clean, loss, list(weights), row_weights)
+
+
+def solve_pcgrad(
+    matrix: GradientMatrix, raw: Tensor, orders: Sequence[Sequence[int]], *, eps: float, mean: bool
+) -> Solution:
+    """Combine the objectives with PCGrad; ``orders`` (``n`` rows of ``n - 1`` ints) was checked."""
+    gram: Matrix = raw.tolist()
+    clean, loss = _check_precision(matrix, gram)
+    coefficients = _project_coefficients(clean, orders, _projection_targets(matrix, clean, eps))
+
+    # Row i of the recursion ran on scaled rows, so g_i^PC = 2**-e[i] sum_k C[i][k] (2**e[k] g_k):
+    # the coefficient of stored row k is sum_i 2**-e[i] C[i][k], and that of g_k is 2**e[k] times it.
+    # A coefficient can only overflow in a Gram matrix that precision_loss flags; it is then set to 0.
+    scales = _scales(matrix)
+    factor = 1.0 / matrix.objectives if mean else 1.0
+    row_weights = [
+        _finite(factor * sum(scales[i] * coefficients[i][k] for i in range(matrix.objectives)))
+        for k in range(matrix.objectives)
+    ]
+    weights = [_finite(weight / scale) for weight, scale in zip(row_weights, scales, strict=True)]
+    return _solution(matrix, gram, clean, loss, weights, row_weights)

@@ -1,0 +1,266 @@
+"""``TrainingLoop``: epochs and steps from any position, with rollback and halting.
+
+The loop runs from a ``Position`` (epoch, batch index, global step), so the same
+code serves a fresh run, a resumed run and the continuation after a rollback. Per
+batch, in order:
+
+1. skip the batch if a rollback asked for batches to be skipped;
+2. ``SafetyGuard.before_step`` (snapshot when due);
+3. ``StepRunner.run`` (forward, per-objective backward, aggregation, update);
+4. ``SafetyGuard.after_step``: continue, roll back (restart from the restored
+   position), or halt;
+5. step callbacks, then a checkpoint every ``checkpoint.every_steps`` steps.
+
+At the end of an epoch: the learning-rate scheduler, validation, the control loop
+(``EpochControl``), the telemetry packet, the epoch callbacks and the epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tolaria.epoch import Accuracy, EpochAccumulator, evaluate, progress
+from tolaria.results import EpochMetrics
+from tolaria.safety import CONTINUE, Position, SafetyDecision, SafetyGuard
+from tolaria.step import StepOutcome, StepRunner
+from tolaria.telemetry import Level, Telemetry
+
+__all__ = ["EpochEnd", "LoopResult", "StepRecord", "TrainingLoop"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One executed step, passed to step callbacks.
+
+    Attributes:
+        epoch: epoch index.
+        batch: batch index within the epoch.
+        global_step: optimizer steps applied before this step.
+        losses: ``[n]`` float32 losses on the device, detached.
+        applied: whether the optimizer stepped.
+    """
+
+    epoch: int
+    batch: int
+    global_step: int
+    losses: torch.Tensor
+    applied: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    """What ``TrainingLoop.run`` returns.
+
+    Attributes:
+        epochs: metrics of each completed epoch.
+        position: where the loop stopped.
+        halted: whether the emergency controller stopped training.
+        halt_reason: why it halted.
+    """
+
+    epochs: tuple[EpochMetrics, ...]
+    position: Position
+    halted: bool = False
+    halt_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _EpochRun:
+    """Mutable bookkeeping of one pass over an epoch's batches."""
+
+    position: Position
+    skip: int
+    started: float
+    accumulator: EpochAccumulator | None = None
+    decision: SafetyDecision = CONTINUE
+
+
+EpochEnd = Callable[[EpochMetrics], None]
+
+
+class TrainingLoop:
+    """Runs epochs of ``StepRunner`` steps under a ``SafetyGuard``.
+
+    Args:
+        runner: runs one step.
+        train_data: iterable of batches; ``set_epoch`` is called when it exists.
+        epochs: total number of epochs of the run.
+        guard: snapshots, emergency evaluation and rollback; ``None`` disables them.
+        telemetry: where events go.
+        validate: returns ``(val_loss, val_accuracy)`` at each epoch end.
+        at_epoch_end: called with each epoch's metrics, in order: control loop,
+            telemetry packet, callbacks and checkpoint (see ``Trainer``).
+        step_callbacks: called after every executed step.
+        checkpoint_steps: called with the position after a step when
+            ``checkpoint.every_steps`` says so; ``None`` disables.
+        progress_bar: draw a tqdm bar per epoch.
+    """
+
+    def __init__(
+        self,
+        runner: StepRunner,
+        train_data: Iterable[Any],
+        *,
+        epochs: int,
+        guard: SafetyGuard | None,
+        telemetry: Telemetry,
+        validate: Callable[[], tuple[dict[str, float], dict[str, float]]],
+        learning_rates: Callable[[], tuple[float, ...]],
+        at_epoch_end: EpochEnd,
+        step_callbacks: Sequence[Callable[[StepRecord], None]] = (),
+        checkpoint_steps: Callable[[Position], None] | None = None,
+        scheduler_step: Callable[[], None] | None = None,
+        progress_bar: bool = False,
+    ) -> None:
+        self.runner = runner
+        self.train_data = train_data
+        self.epochs = epochs
+        self.guard = guard
+        self.telemetry = telemetry
+        self._validate = validate
+        self._learning_rates = learning_rates
+        self._at_epoch_end = at_epoch_end
+        self._step_callbacks = tuple(step_callbacks)
+        self._checkpoint_steps = checkpoint_steps
+        self._scheduler_step = scheduler_step
+        self._progress_bar = progress_bar
+
+    def run(self, start: Position) -> LoopResult:
+        """Train from ``start`` until the last epoch ends or the guard halts."""
+        position, skip = start, 0
+        completed: list[EpochMetrics] = []
+        while position.epoch < self.epochs:
+            run = self._run_batches(position, skip)
+            if run.decision.halt:
+                return LoopResult(tuple(completed), run.position, halted=True, halt_reason=run.decision.reason)
+            if run.decision.resume_at is not None:
+                position, skip = self._resume_after_rollback(run.decision)
+                continue
+            metrics = self._finish_epoch(run)
+            completed.append(metrics)
+            self._at_epoch_end(metrics)
+            position, skip = Position(position.epoch + 1, 0, run.position.global_step), run.skip
+        return LoopResult(tuple(completed), position)
+
+    def _resume_after_rollback(self, decision: SafetyDecision) -> tuple[Position, int]:
+        monitor = decision.restored_extra.get("loss_monitor")
+        if monitor is not None:
+            self.runner.monitor_state = monitor
+        skip = self.guard.config.skip_batches if self.guard is not None else 0
+        return decision.resume_at or Position(0, 0, 0), skip
+
+    def _batches(self, epoch: int) -> Iterable[Any]:
+        set_epoch = getattr(self.train_data, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        total = len(self.train_data) if hasattr(self.train_data, "__len__") else None  # type: ignore[arg-type]
+        return progress(self.train_data, enabled=self._progress_bar, epoch=epoch, total=total)
+
+    def _run_batches(self, start: Position, skip: int) -> _EpochRun:
+        run = _EpochRun(position=start, skip=skip, started=time.perf_counter())
+        for index, batch in enumerate(self._batches(start.epoch)):
+            if index < start.batch:
+                continue
+            run.position = Position(start.epoch, index, run.position.global_step)
+            if run.skip > 0:
+                run.skip -= 1
+                self._report_skipped_batch(run.position)
+                continue
+            self._run_one(batch, run)
+            if run.decision.halt or run.decision.resume_at is not None:
+                return run
+        run.position = Position(start.epoch, run.position.batch + 1, run.position.global_step)
+        return run
+
+    def _run_one(self, batch: Any, run: _EpochRun) -> None:
+        here = run.position
+        if self.guard is not None:
+            self.guard.before_step(here)
+        outcome = self.runner.run(batch, here.global_step)
+        if run.accumulator is None:
+            run.accumulator = EpochAccumulator(outcome.losses.shape[0], outcome.losses.device)
+        run.accumulator.add(outcome)
+        after = Position(here.epoch, here.batch + 1, here.global_step + int(outcome.applied))
+        if not outcome.applied:
+            self._report_skipped_step(outcome, here)
+        if self.guard is not None:
+            run.decision = self.guard.after_step(outcome, here)
+        run.position = after
+        record = StepRecord(here.epoch, here.batch, here.global_step, outcome.losses, outcome.applied)
+        for callback in self._step_callbacks:
+            callback(record)
+        if self._checkpoint_steps is not None and not run.decision.halt and run.decision.resume_at is None:
+            self._checkpoint_steps(after)
+
+    def _finish_epoch(self, run: _EpochRun) -> EpochMetrics:
+        epoch = run.position.epoch
+        train_seconds = time.perf_counter() - run.started
+        if run.accumulator is None:
+            raise ValueError(f"train_data yielded no batches to run in epoch {epoch}; expected at least one")
+        if self._scheduler_step is not None:
+            self._scheduler_step()
+        val_loss, val_accuracy = self._validate()
+        names = self.runner.objective_names or ()
+        accumulator = run.accumulator
+        return EpochMetrics(
+            epoch=epoch,
+            global_step=run.position.global_step,
+            train_loss=accumulator.train_loss(names),
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
+            aggregation=accumulator.aggregation(),
+            learning_rates=self._learning_rates(),
+            samples_per_s=accumulator.samples / train_seconds if train_seconds > 0 else 0.0,
+            skipped_steps=accumulator.skipped_steps,
+            wall_time_s=time.perf_counter() - run.started,
+        )
+
+    def _report_skipped_step(self, outcome: StepOutcome, position: Position) -> None:
+        what = "loss" if outcome.nonfinite_loss else "gradient"
+        logger.warning(
+            "skipped the update at epoch %d, step %d: non-finite %s", position.epoch, position.global_step, what
+        )
+        self.telemetry.count("tolaria.anomaly.nonfinite")
+        self.telemetry.event(
+            "tolaria.anomaly.nonfinite",
+            Level.WARNING,
+            reason=f"non-finite {what}; update skipped",
+            epoch=position.epoch,
+            step=position.global_step,
+        )
+
+    def _report_skipped_batch(self, position: Position) -> None:
+        self.telemetry.event(
+            "tolaria.rollback.batch_skipped",
+            Level.INFO,
+            reason="skipped after a rollback",
+            epoch=position.epoch,
+            batch=position.batch,
+            step=position.global_step,
+        )
+
+
+def evaluate_with(runner: StepRunner, data: Iterable[Any] | None, accuracy: Accuracy | None) -> Callable[
+    [], tuple[dict[str, float], dict[str, float]]
+]:
+    """Return a validation callable for ``TrainingLoop`` (empty results without data)."""
+
+    def validate() -> tuple[dict[str, float], dict[str, float]]:
+        if data is None:
+            return {}, {}
+        return evaluate(runner, data, accuracy)
+
+    return validate
+
+
+def monitor_extra(runner: StepRunner) -> Mapping[str, Any]:
+    """Return the loss monitor state to save with a snapshot (nothing before the first step)."""
+    return {} if runner.monitor_state is None else {"loss_monitor": runner.monitor_state}

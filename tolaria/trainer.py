@@ -1,0 +1,434 @@
+"""``Trainer``: the production entry point that wires the shell's components together.
+
+The trainer builds and owns these components, each with one job:
+
+* ``StepRunner`` (``tolaria.step``): forward, per-objective backward, aggregation,
+  optimizer step;
+* ``TrainingLoop`` (``tolaria.loop``): epochs and batches from any position;
+* ``SafetyGuard`` (``tolaria.safety``): loss anomalies, emergency levels
+  (``EmergencyController``), snapshots and rollback (``RollbackManager``);
+* ``EpochControl`` (``tolaria.epoch_control``): the controller and executor calls at
+  each epoch end, on the shared ``AsyncWorker``;
+* ``CheckpointKeeper`` (``tolaria.checkpointing``): checkpoints and exact resume;
+* ``Telemetry`` (``tolaria.telemetry``): metrics and events.
+
+At each epoch end, in order: scheduler step, validation, control loop, telemetry
+packet, epoch callbacks, checkpoint. Any exception is logged, reported as a
+``tolaria.run.failed`` event and re-raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from tolaria.checkpointing import CheckpointKeeper, TrainingObjects
+from tolaria.config import TrainerConfig
+from tolaria.control import ControlLoop, KasminaClient, OptimizerExecutor, TamiyoClient
+from tolaria.devices import resolve_device, seed_everything
+from tolaria.distributed import DistributedContext, average_gradients, rank_path
+from tolaria.emergency import EmergencyController
+from tolaria.epoch import Accuracy
+from tolaria.epoch_control import EpochControl
+from tolaria.functional import anomaly
+from tolaria.loop import LoopResult, StepRecord, TrainingLoop, evaluate_with, monitor_extra
+from tolaria.precision import MixedPrecision
+from tolaria.profiler import TrainingProfiler
+from tolaria.results import EpochMetrics, FitResult
+from tolaria.rollback import RollbackManager
+from tolaria.safety import Position, SafetyGuard
+from tolaria.step import Objectives, StepRunner
+from tolaria.telemetry import JsonlSink, Level, Telemetry
+from tolaria.worker import AsyncWorker
+
+__all__ = ["EpochCallback", "Trainer"]
+
+logger = logging.getLogger(__name__)
+
+EpochCallback = Callable[[EpochMetrics], None]
+"""Called with each epoch's metrics after its telemetry packet is written."""
+
+
+class Trainer:
+    """Trains a model on several objectives at once.
+
+    Args:
+        model: the module to train; it is moved to the configured device.
+        optimizer: any ``torch.optim`` optimizer over ``model``'s parameters.
+        objectives: ``objectives(model, batch) -> {name: scalar loss}``.
+        train_data: an iterable of batches (a ``DataLoader``, ``tolaria.data.EpochBatches``, ...);
+            iterated once per epoch, with ``set_epoch(epoch)`` called first when it exists.
+        val_data: optional iterable of validation batches.
+        config: run settings; see ``TrainerConfig``.
+        accuracy: optional ``accuracy(model, batch) -> {name: [batch] bool tensor}`` used
+            during validation.
+        telemetry: where metrics and events go; by default a publisher writing
+            ``config.out_dir/telemetry.jsonl`` when ``out_dir`` is set. A publisher
+            passed in is not closed by the trainer.
+        lr_scheduler: optional scheduler, stepped once per epoch.
+        callbacks: called with each epoch's ``EpochMetrics``.
+        step_callbacks: called with a ``StepRecord`` after every executed step.
+        tamiyo: controller asked for an adaptation command at each epoch end.
+        kasmina: executor of those commands; ``OptimizerExecutor`` by default.
+        worker: the shared worker for controller, executor, listener and restore
+            calls. One passed in is used and never shut down by the trainer; one the
+            trainer creates is shut down by ``close``.
+        distributed: the process group context; by default detected from the
+            environment (``torchrun``), else single-process.
+
+    Raises:
+        ValueError: the configuration does not fit the model or the device.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        objectives: Objectives,
+        train_data: Iterable[Any],
+        val_data: Iterable[Any] | None = None,
+        config: TrainerConfig | None = None,
+        *,
+        accuracy: Accuracy | None = None,
+        telemetry: Telemetry | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        step_callbacks: Sequence[Callable[[StepRecord], None]] = (),
+        tamiyo: TamiyoClient | None = None,
+        kasmina: KasminaClient | None = None,
+        worker: AsyncWorker | None = None,
+        distributed: DistributedContext | None = None,
+    ) -> None:
+        self.config = config or TrainerConfig()
+        self._owns_context = distributed is None
+        self.context = distributed or DistributedContext.from_environment(device=resolve_device(self.config.device))
+        self.device = self.context.device if self.context.is_distributed else resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.train_data = train_data
+        self.val_data = val_data
+        self.lr_scheduler = lr_scheduler
+        self.callbacks = tuple(callbacks)
+        self._owns_telemetry = telemetry is None
+        self.telemetry = telemetry or Telemetry(
+            source="trainer", rank=self.context.rank, attributes={"world_size": self.context.world_size}
+        )
+        self._owns_worker = worker is None
+        self.worker = worker or AsyncWorker(name="tolaria-trainer", telemetry=self.telemetry)
+        self.precision = MixedPrecision(self.config.amp, self.device)
+        self.runner = self._build_runner(objectives)
+        self.guard = self._build_guard()
+        self.control = self._build_control(tamiyo, kasmina)
+        self.checkpoints = self._build_checkpoints()
+        self._validate = evaluate_with(self.runner, val_data, accuracy)
+        self._step_callbacks = tuple(step_callbacks)
+        self.position = Position(0, 0, 0)
+        self._closed = False
+
+    # Construction: one builder per component.
+
+    def _build_runner(self, objectives: Objectives) -> StepRunner:
+        context = self.context
+        agree = None
+        average = None
+        if context.is_distributed:
+            agree = _agreed_flags(context)
+
+            def average(tree: dict[str, Any], step: int) -> dict[str, Any]:
+                return average_gradients(tree, context, step=step)
+
+        return StepRunner(
+            self.model,
+            self.optimizer,
+            objectives,
+            aggregator=self.config.aggregator,
+            weights=self.config.weights,
+            precision=self.precision,
+            gradient_mode=self.config.gradient_mode,
+            grad_clip_norm=self.config.grad_clip_norm,
+            seed=self.config.seed,
+            check_objectives=self.config.check_objectives,
+            on_gradient_fallback=self._report_gradient_fallback,
+            loss_monitor=self.config.loss_monitor,
+            agree_flags=agree,
+            average_gradients=average,
+        )
+
+    def _build_guard(self) -> SafetyGuard:
+        safety = self.config.safety
+        emergency = EmergencyController(
+            self.config.emergency,
+            telemetry=self.telemetry,
+            worker=self.worker,
+            broadcast_timeout_s=safety.broadcast_timeout_s,
+        )
+        checkpoint_dir = None if self.config.out_dir is None else self.config.out_dir / "checkpoints"
+        rollback = RollbackManager(
+            self.model,
+            self.optimizer,
+            scheduler=self.lr_scheduler,
+            scaler=self.precision.scaler,
+            capacity_bytes=safety.snapshot_capacity_bytes,
+            checkpoint_dir=checkpoint_dir,
+            worker=self.worker,
+            deadline_s=safety.rollback_deadline_s,
+            telemetry=self.telemetry,
+        )
+        guard = SafetyGuard(safety, emergency, rollback, self.telemetry, lambda: monitor_extra(self.runner))
+        rollback.on_deadline_exceeded = guard.on_deadline_exceeded
+        return guard
+
+    def _build_control(self, tamiyo: TamiyoClient | None, kasmina: KasminaClient | None) -> EpochControl | None:
+        if tamiyo is None and kasmina is None:
+            return None
+        if tamiyo is None:
+            raise ValueError("kasmina was given without tamiyo; pass a controller (TamiyoClient) as well")
+        executor = kasmina or OptimizerExecutor(self.optimizer)
+        control = self.config.control
+        loop = ControlLoop(
+            tamiyo,
+            executor,
+            self.worker,
+            tamiyo_timeout_s=control.tamiyo_timeout_s,
+            kasmina_timeout_s=control.kasmina_timeout_s,
+            breaker_policy=control.breaker,
+            telemetry=self.telemetry,
+        )
+        return EpochControl(loop, executor, self.context, self.guard, self.telemetry)
+
+    def _build_checkpoints(self) -> CheckpointKeeper | None:
+        if self.config.out_dir is None:
+            return None
+        objects = TrainingObjects(
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            self.precision.scaler,
+            monitor=lambda: self.runner.monitor_state,
+            set_monitor=self._set_monitor,
+            loss_monitor_config=self.config.loss_monitor,
+        )
+        return CheckpointKeeper(
+            self.config.checkpoint,
+            self.config.out_dir / "checkpoints",
+            objects,
+            self.context,
+            self.telemetry,
+            state_extra=lambda: {"telemetry": self.telemetry.state_dict()},
+        )
+
+    def _set_monitor(self, state: anomaly.LossMonitorState) -> None:
+        self.runner.monitor_state = anomaly.LossMonitorState(
+            history=state.history.to(self.device),
+            count=state.count.to(self.device),
+            config=state.config,
+            scalar=state.scalar,
+        )
+
+    def _report_gradient_fallback(self, error: RuntimeError) -> None:
+        self.telemetry.count("tolaria.gradients.batched_fallbacks")
+        self.telemetry.event(
+            "tolaria.gradients.batched_fallback",
+            Level.WARNING,
+            reason="batched backward failed; using one backward per objective",
+            error=type(error).__name__,
+            message=str(error),
+        )
+
+    # Running.
+
+    def fit(self, resume_from: str | os.PathLike[str] | None = None) -> FitResult:
+        """Train until ``config.epochs`` epochs are complete or the emergency level reaches HALT.
+
+        Args:
+            resume_from: a run folder or checkpoint folder; training continues from its
+                newest good checkpoint.
+
+        Raises:
+            CheckpointError: ``resume_from`` has no loadable checkpoint.
+            Exception: whatever a step, the data or a callback raised, after it was
+                logged and reported as a ``tolaria.run.failed`` event.
+        """
+        started = time.perf_counter()
+        self._start()
+        try:
+            if resume_from is not None:
+                self.position = self._resume(resume_from)
+            with self._profiler() as profiler:
+                result = self._build_loop(profiler).run(self.position)
+            self.position = result.position
+            if result.halted:
+                self._halt(result)
+        except BaseException as error:
+            self._report_failure(error)
+            raise
+        finally:
+            self._finish()
+        wall_time = time.perf_counter() - started
+        logger.info("training finished: %d epochs, %d steps, %.1f s", len(result.epochs), self.global_step, wall_time)
+        return FitResult(result.epochs, self.global_step, wall_time, result.halted, result.halt_reason)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps applied so far."""
+        return self.position.global_step
+
+    def _profiler(self) -> TrainingProfiler:
+        return TrainingProfiler(
+            self.config.profiler, run_id=self.telemetry.run_id, rank=self.context.rank, telemetry=self.telemetry
+        )
+
+    def _build_loop(self, profiler: TrainingProfiler) -> TrainingLoop:
+        checkpoints = self.checkpoints
+        callbacks = list(self._step_callbacks)
+        if self.config.profiler.enabled:
+            callbacks.append(lambda record: profiler.step(record.epoch, record.global_step))
+        return TrainingLoop(
+            self.runner,
+            self.train_data,
+            epochs=self.config.epochs,
+            guard=self.guard,
+            telemetry=self.telemetry,
+            validate=self._validate,
+            learning_rates=lambda: tuple(float(group["lr"]) for group in self.optimizer.param_groups),
+            at_epoch_end=self._at_epoch_end,
+            step_callbacks=callbacks,
+            checkpoint_steps=None if checkpoints is None else checkpoints.after_step,
+            scheduler_step=None if self.lr_scheduler is None else self.lr_scheduler.step,
+            progress_bar=self.config.progress,
+        )
+
+    def _resume(self, source: str | os.PathLike[str]) -> Position:
+        if self.checkpoints is None:
+            raise ValueError("resume_from needs TrainerConfig.out_dir, where the resumed run writes its checkpoints")
+        position, extra = self.checkpoints.resume(source)
+        telemetry_state = extra.get("telemetry")
+        if telemetry_state:
+            self.telemetry.load_state_dict(telemetry_state)
+        self.telemetry.event("tolaria.run.resumed", Level.INFO, source=str(source), **position.to_extra())
+        return position
+
+    def _at_epoch_end(self, metrics: EpochMetrics) -> None:
+        if self.control is not None:
+            decision = self.control.run(metrics)
+            if decision is not None and decision.halt:
+                logger.error("control loop trouble raised the emergency level to HALT: %s", decision.reason)
+        self.guard.emergency.emit_epoch_metrics()
+        self._publish_epoch(metrics)
+        for callback in self.callbacks:
+            callback(metrics)
+        if self.checkpoints is not None:
+            self.checkpoints.after_epoch(Position(metrics.epoch + 1, 0, metrics.global_step))
+
+    def _halt(self, result: LoopResult) -> None:
+        logger.critical("training halted at step %d: %s", result.position.global_step, result.halt_reason)
+        self.telemetry.event(
+            "tolaria.run.halted", Level.CRITICAL, reason=result.halt_reason, step=result.position.global_step
+        )
+        if self.checkpoints is not None and self.config.out_dir is not None:
+            # Kept apart from the rotating checkpoints so that a resume never starts from a halted state.
+            self.checkpoints.save(result.position, directory=self.config.out_dir / "halted")
+
+    def _start(self) -> None:
+        seed_everything(self.config.seed)
+        if self.config.lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr
+        out_dir = self.config.out_dir
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if self._owns_telemetry:
+                self.telemetry.add_sink(JsonlSink(rank_path(out_dir, "telemetry.jsonl", self.context)))
+        logger.info(
+            "training started: %d epochs, aggregator %s, device %s, amp %s, rank %d of %d",
+            self.config.epochs,
+            self.config.aggregator,
+            self.device,
+            self.config.amp,
+            self.context.rank,
+            self.context.world_size,
+        )
+        self.telemetry.event(
+            "tolaria.run.started",
+            Level.INFO,
+            epochs=self.config.epochs,
+            aggregator=self.config.aggregator,
+            device=str(self.device),
+            seed=self.config.seed,
+        )
+
+    def _report_failure(self, error: BaseException) -> None:
+        logger.exception("training failed at epoch %d, step %d", self.position.epoch, self.global_step)
+        self.telemetry.event(
+            "tolaria.run.failed",
+            Level.ERROR,
+            reason="exception during training",
+            error=type(error).__name__,
+            message=str(error),
+            epoch=self.position.epoch,
+            step=self.global_step,
+        )
+
+    def _finish(self) -> None:
+        self.telemetry.event("tolaria.run.finished", Level.INFO, epoch=self.position.epoch, step=self.global_step)
+        self.telemetry.flush(self.position.epoch, self.global_step)
+
+    def close(self) -> None:
+        """Release what the trainer created: worker, snapshot buffers, telemetry, process group.
+
+        A worker, publisher or distributed context passed in by the caller stays open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.guard.emergency.close()
+        self.guard.rollback.close()
+        if self._owns_worker:
+            self.worker.shutdown(timeout=2.0)
+        if self._owns_telemetry:
+            self.telemetry.close()
+        if self._owns_context:
+            self.context.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _publish_epoch(self, metrics: EpochMetrics) -> None:
+        telemetry = self.telemetry
+        for name, value in metrics.train_loss.items():
+            telemetry.metric("tolaria.train.loss", value, "1", objective=name)
+        for name, value in metrics.val_loss.items():
+            telemetry.metric("tolaria.val.loss", value, "1", objective=name)
+        for name, value in metrics.val_accuracy.items():
+            telemetry.metric("tolaria.val.accuracy", value, "1", objective=name)
+        for key, value in metrics.aggregation.items():
+            unit = "ms" if key == "latency_ms" else "1"
+            telemetry.metric(f"tolaria.grad_agg.{key}", value, unit)
+        for index, lr in enumerate(metrics.learning_rates):
+            telemetry.metric("tolaria.optim.lr", lr, "1", group=index)
+        telemetry.metric("tolaria.train.throughput", metrics.samples_per_s, "samples/s")
+        telemetry.metric("tolaria.train.skipped_steps", metrics.skipped_steps, "1")
+        telemetry.metric("tolaria.train.epoch_ms", metrics.wall_time_s * 1000.0, "ms")
+        telemetry.flush(metrics.epoch, metrics.global_step)
+
+
+def _agreed_flags(context: DistributedContext) -> Callable[[torch.Tensor], list[float]]:
+    """Return a flag reader that takes the maximum of each flag over all ranks."""
+    from tolaria.distributed.errors import collective_guard
+
+    def agree(flags: torch.Tensor) -> list[float]:
+        reduced = flags.to(context.device)
+        with collective_guard("all_reduce(step flags)", context):
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+        values: list[float] = reduced.tolist()
+        return values
+
+    return agree
