@@ -20,7 +20,7 @@ from tolaria.control import (
     PlateauPolicy,
 )
 from tolaria.functional.breaker import BreakerPhase, BreakerPolicy
-from tolaria.telemetry import InMemorySink, Telemetry
+from tolaria.telemetry import InMemorySink, Level, Telemetry
 from tolaria.worker import AsyncWorker, WorkerClosed
 
 TIMEOUT_S = 0.2
@@ -370,3 +370,113 @@ def test_run_epoch_rejects_other_state(worker, telemetry, optimizer):
 def test_constructor_rejects_bad_timeouts(worker, telemetry, optimizer, name, value):
     with pytest.raises(ValueError, match=f"{name} must be a finite number of seconds > 0"):
         make_loop(PlateauPolicy(), OptimizerExecutor(optimizer), worker, telemetry, **{name: value})
+
+
+class HalvingTamiyo(CountingTamiyo):
+    """A controller that returns a command to halve the learning rate at every epoch."""
+
+    def evaluate_epoch(self, state: EpochState) -> AdaptationCommand:
+        self.calls += 1
+        return AdaptationCommand.adjust_lr(factor=0.5, epoch=state.epoch)
+
+
+class CountingKasmina:
+    """An executor that counts its calls and passes each command to ``inner``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def apply_command(self, command: AdaptationCommand, cancel=None) -> None:
+        self.calls += 1
+        self.inner.apply_command(command, cancel)
+
+
+def failing_kasmina_loop(worker, telemetry, optimizer, clock):
+    """Return a loop, its controller and its executor; the executor fails at epochs 0 and 1.
+
+    ``make_loop`` sets ``failure_threshold=2``, so the second failure opens the executor's breaker.
+    """
+    plan = FaultPlan.parse(["kasmina-error@0", "kasmina-error@1"])
+    tamiyo = HalvingTamiyo()
+    kasmina = CountingKasmina(plan.wrap_kasmina(OptimizerExecutor(optimizer)))
+    return make_loop(tamiyo, kasmina, worker, telemetry, clock=clock), tamiyo, kasmina
+
+
+def test_kasmina_failures_open_its_breaker(worker, telemetry, optimizer):
+    loop, _, _ = failing_kasmina_loop(worker, telemetry, optimizer, FakeClock())
+
+    first = loop.run_epoch(epoch_state(0))
+    assert first.status is ControlStatus.FAILED
+    assert first.stage == "kasmina"
+    assert loop.breakers["kasmina"].phase is BreakerPhase.CLOSED
+    assert "tolaria.breaker.kasmina.opened" not in telemetry.counters
+
+    second = loop.run_epoch(epoch_state(1))
+    assert second.error_type == "InjectedFault"
+    assert loop.breakers["kasmina"].phase is BreakerPhase.OPEN
+    assert loop.breakers["tamiyo"].phase is BreakerPhase.CLOSED
+    assert telemetry.counters["tolaria.breaker.kasmina.opened"] == 1
+    assert "tolaria.breaker.tamiyo.opened" not in telemetry.counters
+
+
+def test_kasmina_breaker_opening_is_reported(worker, telemetry, optimizer, caplog):
+    loop, _, _ = failing_kasmina_loop(worker, telemetry, optimizer, FakeClock())
+    with caplog.at_level(logging.WARNING, logger="tolaria.control"):
+        loop.run_epoch(epoch_state(0))
+        loop.run_epoch(epoch_state(1))
+
+    (opened,) = events(telemetry, "tolaria.breaker.changed")
+    assert opened.level == Level.WARNING
+    assert opened.attributes["client"] == "kasmina"
+    assert opened.attributes["previous"] == "closed"
+    assert opened.attributes["phase"] == "open"
+    assert opened.attributes["epoch"] == 1
+    assert opened.attributes["reason"].startswith("2 consecutive failures or timeouts")
+    assert telemetry.counters["tolaria.control.kasmina.failures"] == 2
+    assert any("kasmina circuit breaker CLOSED -> OPEN" in record.message for record in caplog.records)
+
+
+def test_open_kasmina_breaker_skips_executor(worker, telemetry, optimizer):
+    clock = FakeClock()
+    loop, tamiyo, kasmina = failing_kasmina_loop(worker, telemetry, optimizer, clock)
+    loop.run_epoch(epoch_state(0))
+    loop.run_epoch(epoch_state(1))
+
+    # The controller still runs while the executor's breaker is open.
+    clock.now += 10.0
+    skipped = loop.run_epoch(epoch_state(2))
+    assert skipped.status is ControlStatus.SKIPPED_CONSERVATIVE
+    assert skipped.stage == "kasmina"
+    assert skipped.reason.startswith("the kasmina circuit breaker is open")
+    assert skipped.kasmina_latency_s is None
+    assert skipped.conservative
+    assert tamiyo.calls == 3
+    assert kasmina.calls == 2
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_kasmina_breaker_closes_after_cooldown(worker, telemetry, optimizer):
+    clock = FakeClock()
+    loop, _, kasmina = failing_kasmina_loop(worker, telemetry, optimizer, clock)
+    loop.run_epoch(epoch_state(0))
+    loop.run_epoch(epoch_state(1))
+
+    # After the cooldown one probe call is admitted, and its success closes the breaker.
+    clock.now += 30.0
+    recovered = loop.run_epoch(epoch_state(2))
+    assert recovered.status is ControlStatus.APPLIED
+    assert recovered.exited_conservative
+    assert loop.breakers["kasmina"].phase is BreakerPhase.CLOSED
+    assert kasmina.calls == 3
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert telemetry.counters["tolaria.breaker.kasmina.opened"] == 1
+    phases = [
+        (event.attributes["client"], event.attributes["previous"], event.attributes["phase"])
+        for event in events(telemetry, "tolaria.breaker.changed")
+    ]
+    assert phases == [
+        ("kasmina", "closed", "open"),
+        ("kasmina", "open", "half_open"),
+        ("kasmina", "half_open", "closed"),
+    ]

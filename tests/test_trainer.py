@@ -186,7 +186,7 @@ def test_failure_is_reported_and_reraised(tmp_path: Path) -> None:
         [(torch.zeros(2, 4),)],
         config=TrainerConfig(epochs=1, device="cpu", out_dir=tmp_path / "run"),
     )
-    with pytest.raises(KeyError, match="label"):
+    with trainer, pytest.raises(KeyError, match="label"):
         trainer.fit()
     events = [event for packet in read_jsonl(tmp_path / "run" / "telemetry.jsonl") for event in packet.events]
     failed = [event for event in events if event.name == "tolaria.run.failed"]
@@ -195,8 +195,8 @@ def test_failure_is_reported_and_reraised(tmp_path: Path) -> None:
 
 
 def test_telemetry_file_has_epoch_packets(tmp_path: Path) -> None:
-    trainer = make_trainer(TrainerConfig(epochs=2, device="cpu", out_dir=tmp_path / "run"))
-    trainer.fit()
+    with make_trainer(TrainerConfig(epochs=2, device="cpu", out_dir=tmp_path / "run")) as trainer:
+        trainer.fit()
     packets = list(read_jsonl(tmp_path / "run" / "telemetry.jsonl"))
     epochs = {packet.epoch for packet in packets if any(m.name == "tolaria.train.loss" for m in packet.metrics)}
     assert epochs == {0, 1}
@@ -212,3 +212,127 @@ def test_telemetry_file_has_epoch_packets(tmp_path: Path) -> None:
         "tolaria.grad_agg.latency_ms",
     ):
         assert expected in names
+
+
+@pytest.mark.parametrize(("aggregator", "weights"), [("sum", None), ("mean", None), ("weighted", (3.0, 1.0))])
+def test_summed_steps_match_per_objective_steps(aggregator: str, weights: tuple[float, ...] | None) -> None:
+    """One backward of the weighted loss sum gives the update the aggregator gives."""
+    every_step = make_trainer(
+        TrainerConfig(epochs=2, aggregator=aggregator, weights=weights, stats_every=1, device="cpu")
+    )
+    summed = make_trainer(
+        TrainerConfig(epochs=2, aggregator=aggregator, weights=weights, stats_every=1000, device="cpu")
+    )
+    every_step.fit()
+    result = summed.fit()
+    for (name, expected), (_, actual) in zip(
+        every_step.model.named_parameters(), summed.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, msg=name, rtol=1e-5, atol=1e-6)
+    # Only step 0 computed statistics, so the epoch means come from it alone or are NaN.
+    assert math.isnan(result.epochs[1].aggregation["conflict_ratio"])
+
+
+def test_pcgrad_ignores_stats_every() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=1, aggregator="pcgrad", stats_every=1000, device="cpu"))
+    result = trainer.fit()
+    assert math.isfinite(result.epochs[0].aggregation["conflict_ratio"])
+
+
+def test_bf16_autocast_trains_on_cpu() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=4, amp="bf16", device="cpu"))
+    with trainer:
+        result = trainer.fit()
+    for name in ("a", "b"):
+        assert result.epochs[-1].train_loss[name] < result.epochs[0].train_loss[name]
+
+
+def test_fp16_without_cuda_rejected() -> None:
+    with pytest.raises(ValueError, match=r"amp 'fp16' needs a CUDA device, got cpu; use amp 'bf16' or 'off'"):
+        make_trainer(TrainerConfig(epochs=1, amp="fp16", device="cpu"))
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    """With SGD (lr 1) the parameter change equals the clipped gradient, whose norm is at most the limit."""
+    torch.manual_seed(0)
+    model = TwoHeadNet()
+    x, y_a, y_b = (tensor[:32] * 100 for tensor in make_data())
+    before = torch.cat([parameter.detach().flatten().clone() for parameter in model.parameters()])
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        regression_objectives,
+        [(x, y_a, y_b)],
+        config=TrainerConfig(epochs=1, aggregator="sum", grad_clip_norm=0.5, device="cpu"),
+    )
+    with trainer:
+        trainer.fit()
+    after = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+    change = torch.linalg.vector_norm(after - before)
+    assert change <= 0.5 + 1e-5
+    assert change > 0.4
+
+
+def test_state_dict_round_trip_continues_exactly(tmp_path: Path) -> None:
+    """A state saved after epoch 1 and loaded into a new trainer gives the uninterrupted run's steps."""
+    uninterrupted_losses: list[torch.Tensor] = []
+    with make_trainer(
+        TrainerConfig(epochs=2, device="cpu"), step_callbacks=[lambda r: uninterrupted_losses.append(r.losses.clone())]
+    ) as trainer:
+        trainer.fit()
+
+    with make_trainer(TrainerConfig(epochs=1, device="cpu")) as first:
+        first.fit()
+        torch.save(first.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    resumed_losses: list[torch.Tensor] = []
+    with make_trainer(
+        TrainerConfig(epochs=2, device="cpu"), step_callbacks=[lambda r: resumed_losses.append(r.losses.clone())]
+    ) as second:
+        second.load_state_dict(state)
+        assert second.global_step == first.global_step
+        second.fit()
+    assert len(resumed_losses) == len(uninterrupted_losses) - first.global_step
+    for expected, actual in zip(uninterrupted_losses[first.global_step :], resumed_losses, strict=True):
+        assert torch.equal(expected, actual)
+
+
+def test_heads_are_exclusive_and_trunk_shared() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
+    with trainer:
+        trainer.fit()
+    usage = trainer.runner._usage
+    assert usage is not None
+    assert usage["trunk.0.weight"] == (True, True)
+    assert usage["head_a.weight"] == (True, False)
+    assert usage["head_b.bias"] == (False, True)
+
+
+def test_exclusive_head_unchanged_under_conflict() -> None:
+    """With conflicting objectives PCGrad changes the trunk's gradient but never a head's."""
+    torch.manual_seed(0)
+    model = TwoHeadNet()
+    with torch.no_grad():
+        # Equal, near-zero heads and opposite targets make the trunk gradients conflict.
+        model.head_a.weight.mul_(0.01)
+        model.head_a.bias.zero_()
+        model.head_b.weight.copy_(model.head_a.weight)
+        model.head_b.bias.zero_()
+    x = torch.randn(32, 4)
+    target = x[:, 0]
+    batch = (x, target, -target)
+    expected = torch.autograd.grad(regression_objectives(model, batch)["a"], list(model.head_a.parameters()))
+    before = [parameter.detach().clone() for parameter in model.head_a.parameters()]
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        regression_objectives,
+        [batch],
+        config=TrainerConfig(epochs=1, aggregator="pcgrad", device="cpu"),
+    )
+    with trainer:
+        result = trainer.fit()
+    assert result.epochs[0].aggregation["conflicts"] >= 1
+    for old, new, grad in zip(before, model.head_a.parameters(), expected, strict=True):
+        torch.testing.assert_close(new.detach(), old - 0.1 * grad)

@@ -4,9 +4,9 @@ Each test runs real child interpreters. A child prints ``time.monotonic()`` once
 imports are done; ``time.monotonic()`` is the system-wide monotonic clock on Linux, so
 the parent can compare it with its own clock when the child has exited.
 
-Importing tolaria imports torch, and with torch loaded the interpreter alone needs
-0.5-1.1 s to exit on a busy 2-core machine. A control child with the same imports and
-no worker measures that cost, and the worker child may take at most 1 s more than it.
+``tolaria.worker`` does not import torch, so the child measures the worker alone: the
+0.1 s timeout, the shutdown and the interpreter's exit must take under 1 s. A control
+child with the same imports and no worker shows what the interpreter needs anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ WORKER_SCRIPT = textwrap.dedent(
     import sys, time
     from tolaria.worker import AsyncWorker, TaskTimeout
 
+    assert "torch" not in sys.modules, "tolaria.worker imported torch"
     print(time.monotonic(), flush=True)
     worker = AsyncWorker(name="exit-test")
     handle = worker.submit(time.sleep, 10, timeout=0.1)
@@ -70,6 +71,4 @@ def test_process_with_abandoned_sleep_exits_quickly(control_s, ending):
     worker_s = seconds_from_imports_to_exit(WORKER_SCRIPT, ending)
 
     # Without the worker's daemon threads the child would wait for the whole 10 s sleep.
-    assert worker_s < 5.0
-    # The 0.1 s timeout, the shutdown and the exit, beyond what the interpreter needs anyway.
-    assert worker_s - control_s < 1.0
+    assert worker_s < 1.0, f"child took {worker_s:.2f} s (a child without the worker: {control_s:.2f} s)"

@@ -1,6 +1,6 @@
 """``CheckpointKeeper``: when the trainer writes checkpoints, and how it resumes from one.
 
-A checkpoint holds the model, optimizer, scheduler, gradient scaler, RNG states, the
+A checkpoint contains the model, optimizer, scheduler, gradient scaler, RNG states, the
 data position (epoch, batch index, global step), the loss monitor state and the
 telemetry sequence numbers. Resuming restores all of them, so a run resumed from
 step k takes bit-identical steps to an uninterrupted run on the CPU, provided the
@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from tolaria import checkpoint
-from tolaria.distributed import DistributedContext, save_on_main
+from tolaria.distributed import DistributedContext, is_main_process, save_on_main
+from tolaria.distributed.errors import collective_guard
 from tolaria.functional import anomaly
 from tolaria.safety import Position
 from tolaria.settings import CheckpointConfig
-from tolaria.telemetry import Telemetry
+from tolaria.telemetry import Level, Telemetry
 
-__all__ = ["CheckpointKeeper", "TrainingObjects"]
+__all__ = ["CheckpointKeeper", "TrainingObjects", "apply_extra", "capture_state", "restore_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,38 @@ def _monitor_from_extra(
     return anomaly.LossMonitorState(
         history=saved["history"], count=saved["count"], config=config, scalar=bool(saved["scalar"])
     )
+
+
+def capture_state(objects: TrainingObjects, position: Position, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the training state of ``objects`` at ``position``, as ``torch.save`` can store it.
+
+    Tensors are shared with the live objects, as in ``Module.state_dict``: copy the
+    result to keep it while training goes on.
+    """
+    return checkpoint.capture_training_state(
+        step=position.global_step,
+        model=objects.model,
+        optimizer=objects.optimizer,
+        scheduler=objects.scheduler,
+        scaler=objects.scaler,
+        extra={**position.to_extra(), **_monitor_to_extra(objects.monitor()), **extra},
+    )
+
+
+def restore_state(objects: TrainingObjects, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy ``state`` (from ``capture_state``) into ``objects`` and return its extra values."""
+    restored = checkpoint.restore_training_state(
+        state, model=objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler, scaler=objects.scaler
+    )
+    return dict(restored.extra)
+
+
+def apply_extra(objects: TrainingObjects, extra: Mapping[str, Any]) -> Position:
+    """Restore the loss monitor from ``extra`` and return the position it records."""
+    monitor = _monitor_from_extra(extra, objects.loss_monitor_config)
+    if monitor is not None:
+        objects.set_monitor(monitor)
+    return Position.from_extra(extra)
 
 
 class CheckpointKeeper:
@@ -122,23 +155,58 @@ class CheckpointKeeper:
         """
         target = directory or self.directory
         objects = self.objects
-        extra = {**position.to_extra(), **_monitor_to_extra(objects.monitor()), **self._state_extra()}
+        extra = dict(self._state_extra())
+        if self.context.is_distributed:
+            # The model and optimizer are the same on every rank; the loss monitor and
+            # telemetry counters are not, so each rank's copy is stored.
+            extra["per_rank"] = self._gather({**_monitor_to_extra(objects.monitor()), **extra})
 
         def write() -> None:
-            state = checkpoint.capture_training_state(
-                step=position.global_step,
-                model=objects.model,
-                optimizer=objects.optimizer,
-                scheduler=objects.scheduler,
-                scaler=objects.scaler,
-                extra=extra,
-            )
+            state = capture_state(objects, position, extra)
             checkpoint.save(
                 target, state, step=position.global_step, keep_last=self.config.keep_last, telemetry=self.telemetry
             )
 
         save_on_main(write, self.context, step=position.global_step)
         self.saved += 1
+
+    def _gather(self, local: Mapping[str, Any]) -> list[Any]:
+        gathered: list[Any] = [None] * self.context.world_size
+        with collective_guard("all_gather_object(checkpoint extra)", self.context):
+            torch.distributed.all_gather_object(gathered, dict(local))
+        return gathered
+
+    def _local_extra(self, extra: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Return this rank's own values from a checkpoint's extra values."""
+        per_rank = extra.get("per_rank")
+        if not per_rank:
+            return extra
+        if len(per_rank) != self.context.world_size:
+            logger.warning(
+                "checkpoint was written by %d ranks and is resumed by %d; every rank takes rank 0's loss monitor",
+                len(per_rank),
+                self.context.world_size,
+            )
+            self.telemetry.event(
+                "tolaria.checkpoint.world_size_changed",
+                Level.WARNING,
+                reason="resumed with a different number of ranks; per-rank state taken from rank 0",
+                saved_world_size=len(per_rank),
+                world_size=self.context.world_size,
+            )
+            return {**extra, **per_rank[0]}
+        return {**extra, **per_rank[self.context.rank]}
+
+    def discard_after(self, position: Position) -> None:
+        """Delete the committed checkpoints newer than ``position``: a rollback abandoned their trajectory."""
+        from tolaria.checkpoint.reader import manifest_paths
+        from tolaria.checkpoint.store import _delete_checkpoint
+
+        if not is_main_process(self.context) or not self.directory.is_dir():
+            return
+        for step, manifest in manifest_paths(self.directory):
+            if step > position.global_step:
+                _delete_checkpoint(self.directory, step, manifest)
 
     def resume(self, source: str | os.PathLike[str]) -> tuple[Position, Mapping[str, Any]]:
         """Restore the newest good checkpoint from ``source`` and return its position and extra values.
@@ -152,13 +220,13 @@ class CheckpointKeeper:
         if (folder / "checkpoints").is_dir():
             folder = folder / "checkpoints"
         info, state = checkpoint.load_latest(folder, telemetry=self.telemetry)
-        objects = self.objects
-        restored = checkpoint.restore_training_state(
-            state, model=objects.model, optimizer=objects.optimizer, scheduler=objects.scheduler, scaler=objects.scaler
+        extra = self._local_extra(restore_state(self.objects, state))
+        position = apply_extra(self.objects, extra)
+        logger.info(
+            "resumed from %s at epoch %d, batch %d, step %d",
+            info.manifest_path,
+            position.epoch,
+            position.batch,
+            position.global_step,
         )
-        monitor = _monitor_from_extra(restored.extra, objects.loss_monitor_config)
-        if monitor is not None:
-            objects.set_monitor(monitor)
-        position = Position.from_extra(restored.extra)
-        logger.info("resumed from %s at epoch %d, batch %d, step %d", info, *position.to_extra().values())
-        return position, restored.extra
+        return position, extra

@@ -109,6 +109,11 @@ class TrainerConfig:
             backward with ``is_grads_batched=True``), ``"loop"`` (one backward per
             objective) or ``"auto"`` (batched, falling back to loop with a warning when
             an operation has no batching rule).
+        stats_every: with the linear aggregators (``sum``, ``mean``, ``weighted``),
+            compute per-objective gradients and the aggregation statistics every this
+            many steps, and take one backward of the weighted loss sum on the others;
+            both give the same update. ``1`` computes statistics on every step.
+            PCGrad always computes per-objective gradients.
         out_dir: folder for telemetry and checkpoints; created when ``fit`` starts.
         progress: show a progress bar on standard error.
         emergency: how step signals map to emergency levels (TOML table ``[emergency]``).
@@ -129,6 +134,7 @@ class TrainerConfig:
     amp: str = "off"
     grad_clip_norm: float | None = None
     gradient_mode: str = "auto"
+    stats_every: int = 50
     out_dir: Path | None = None
     progress: bool = False
     emergency: EmergencyPolicy = dataclasses.field(default_factory=EmergencyPolicy)
@@ -156,6 +162,7 @@ class TrainerConfig:
         _check_choice("amp", self.amp, AMP_MODES)
         _check_positive_float("grad_clip_norm", self.grad_clip_norm, allow_none=True)
         _check_choice("gradient_mode", self.gradient_mode, GRADIENT_MODES)
+        _check_positive_int("stats_every", self.stats_every)
         _check_writable_folder("out_dir", self.out_dir)
         for name, kind in _SECTION_TYPES.items():
             if not isinstance(getattr(self, name), kind):

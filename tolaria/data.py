@@ -1,8 +1,8 @@
 """``EpochBatches``: in-memory mini-batches whose order depends only on the seed and epoch.
 
-The trainer accepts any iterable of batches. An iterable with a ``set_epoch(epoch)``
-method, like this one or ``torch.utils.data.DistributedSampler``-backed loaders, is
-told the epoch before each pass. Because the order of an ``EpochBatches`` pass is a
+The trainer accepts any iterable of batches. It calls ``set_epoch(epoch)`` before
+each pass on an iterable that has that method, like this one or a loader backed by
+``torch.utils.data.DistributedSampler``. Because the order of an ``EpochBatches`` pass is a
 pure function of ``(seed, epoch)``, a resumed or rolled-back run can re-create the
 exact order and skip to any position.
 """

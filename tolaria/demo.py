@@ -56,14 +56,17 @@ def load_digits(*, seed: int, val_fraction: float = 0.2) -> DigitsData:
     except ImportError as error:
         raise ImportError("the digits demo needs scikit-learn; install it with: pip install 'tolaria[demo]'") from error
     bunch = sklearn_load_digits()
-    features = torch.tensor(bunch.data, dtype=torch.float32)
+    # Pixels are intensities 0-16; dividing first keeps every feature in a small range.
+    features = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     order = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))
     val_count = round(features.shape[0] * val_fraction)
     val_index, train_index = order[:val_count], order[val_count:]
     mean = features[train_index].mean(dim=0)
-    # Border pixels are constant in the training set; a floor keeps them at zero instead of NaN.
-    std = features[train_index].std(dim=0).clamp_min(1e-3)
+    # Some border pixels are (nearly) constant in the training set. They are only centred,
+    # not scaled, so a validation image with ink there stays within [-1, 1] there.
+    std = features[train_index].std(dim=0)
+    std = torch.where(std < 0.05, torch.ones_like(std), std)
     standardised = (features - mean) / std
     return DigitsData(standardised[train_index], labels[train_index], standardised[val_index], labels[val_index])
 

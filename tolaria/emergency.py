@@ -45,13 +45,20 @@ broadcast; and, from ``emit_epoch_metrics``, ``tolaria.emergency.level``,
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
+from tolaria._emergency_broadcast import (
+    BroadcastReport,
+    LevelSignal,
+    Listener,
+    SignalPublisher,
+    broadcast,
+    check_timeout,
+    record_transition,
+    report_failure,
+)
 from tolaria.emergency_signals import (
     SIGNAL_LAYOUT_SIZE,
     LocalSignal,
@@ -60,18 +67,9 @@ from tolaria.emergency_signals import (
     SignalReading,
 )
 from tolaria.functional import emergency
-from tolaria.functional.emergency import (
-    Actions,
-    EmergencyPolicy,
-    EmergencyState,
-    Level,
-    StepSignals,
-    Transition,
-    TransitionKind,
-)
-from tolaria.telemetry import Level as Severity
+from tolaria.functional.emergency import Actions, EmergencyPolicy, EmergencyState, Level, StepSignals, Transition
 from tolaria.telemetry import Telemetry
-from tolaria.worker import AsyncWorker, TaskHandle, TaskTimeout, WorkerClosed, WorkerSaturated
+from tolaria.worker import AsyncWorker
 
 __all__ = [
     "SIGNAL_LAYOUT_SIZE",
@@ -84,62 +82,6 @@ __all__ = [
     "SharedMemorySignalWatcher",
     "SignalReading",
 ]
-
-logger = logging.getLogger(__name__)
-
-Listener = Callable[[Transition], object]
-"""Called with each ``Transition``; the return value is ignored and an exception is a failure."""
-
-_ESCALATION_SEVERITY = {
-    Level.NOTICE: Severity.INFO,
-    Level.ELEVATED: Severity.WARNING,
-    Level.CONSERVATIVE: Severity.ERROR,
-    Level.HALT: Severity.CRITICAL,
-}
-
-# Counter, log level and verb of each kind of transition.
-_KIND_REPORTING = {
-    TransitionKind.ESCALATED: ("tolaria.emergency.escalations", logging.WARNING, "raised"),
-    TransitionKind.DEESCALATED: ("tolaria.emergency.deescalations", logging.INFO, "lowered"),
-    TransitionKind.RESET: ("tolaria.emergency.resets", logging.WARNING, "reset"),
-}
-
-
-class LevelSignal(Protocol):
-    """Protocol of the signals ``add_signal`` accepts, such as ``LocalSignal`` and ``SharedMemorySignal``."""
-
-    def set(self, level: Level | int | str, reason: str, *, timestamp_s: float | None = None) -> SignalReading:
-        """Publish a level and its reason."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class BroadcastReport:
-    """Outcome of telling the listeners about one transition.
-
-    Attributes:
-        transition: the transition that was broadcast.
-        delivered: names of the listeners that returned in time.
-        failed: ``(name, exception)`` for each listener that raised, timed out or
-            could not be submitted.
-        latency_s: seconds from the start of the broadcast until every result was in
-            or the deadline passed.
-    """
-
-    transition: Transition
-    delivered: tuple[str, ...]
-    failed: tuple[tuple[str, Exception], ...]
-    latency_s: float
-
-
-class _SignalPublisher:
-    """Listener that copies each new level, reason and time into a ``LevelSignal``."""
-
-    def __init__(self, signal: LevelSignal) -> None:
-        self.signal = signal
-
-    def __call__(self, transition: Transition) -> None:
-        self.signal.set(transition.level, transition.reason, timestamp_s=transition.time_s)
 
 
 class EmergencyController:
@@ -175,13 +117,9 @@ class EmergencyController:
         clock: Callable[[], float] = time.monotonic,
         step: int = 0,
     ) -> None:
-        if isinstance(broadcast_timeout_s, bool) or not isinstance(broadcast_timeout_s, (int, float)):
-            raise ValueError(f"broadcast_timeout_s={broadcast_timeout_s!r} is invalid; expected seconds > 0")
-        if not 0 < broadcast_timeout_s < float("inf"):
-            raise ValueError(f"broadcast_timeout_s={broadcast_timeout_s!r} is invalid; expected seconds > 0")
         self.policy = EmergencyPolicy() if policy is None else policy
         self.telemetry = Telemetry() if telemetry is None else telemetry
-        self.broadcast_timeout_s = float(broadcast_timeout_s)
+        self.broadcast_timeout_s = check_timeout(broadcast_timeout_s)
         self.strict = strict
         self._clock = clock
         self._owns_worker = worker is None
@@ -280,7 +218,7 @@ class EmergencyController:
 
         state = self.state
         signal.set(state.level, state.reason, timestamp_s=state.since_s)
-        return self.add_listener(_SignalPublisher(signal), name=key)
+        return self.add_listener(SignalPublisher(signal), name=key)
 
     def remove_listener(self, name: str) -> None:
         """Stop calling the listener called ``name``.
@@ -376,7 +314,7 @@ class EmergencyController:
                     self._epoch_max_level = max(self._epoch_max_level, transition.level)
             if transition is None:
                 return None
-            self._record(transition)
+            record_transition(self.telemetry, transition)
             report = self._broadcast(transition)
         if self.strict and report.failed:
             raise ExceptionGroup(
@@ -388,97 +326,22 @@ class EmergencyController:
 
     # Reporting.
 
-    def _record(self, transition: Transition) -> None:
-        """Log the transition, count it and emit its event."""
-        counter, log_level, verb = _KIND_REPORTING[transition.kind]
-        if transition.kind is TransitionKind.ESCALATED:
-            severity = _ESCALATION_SEVERITY[transition.level]
-        else:
-            severity = Severity.INFO if transition.kind is TransitionKind.DEESCALATED else Severity.WARNING
-
-        logger.log(
-            log_level,
-            "emergency level %s from %s to %s at step %d: %s",
-            verb,
-            transition.previous.name,
-            transition.level.name,
-            transition.step,
-            transition.reason,
-        )
-        self.telemetry.count(counter)
-        self.telemetry.event(
-            f"tolaria.emergency.{transition.kind.value}",
-            severity,
-            previous=transition.previous.name,
-            level=transition.level.name,
-            reason=transition.reason,
-            step=transition.step,
-        )
-
     def _broadcast(self, transition: Transition) -> BroadcastReport:
-        """Submit every listener, then collect all results against one deadline."""
+        """Tell every listener about ``transition`` and keep the report."""
         with self._state_lock:
             listeners = list(self._listeners.items())
-        started = time.monotonic()
-        deadline = started + self.broadcast_timeout_s
-        failed: list[tuple[str, Exception]] = []
-        pending: list[tuple[str, TaskHandle[object]]] = []
-
-        for name, listener in listeners:
-            try:
-                # A small floor keeps the timeout valid when submitting itself used up the budget.
-                timeout = max(deadline - time.monotonic(), 1e-3)
-                pending.append(
-                    (name, self._worker.submit(listener, transition, timeout=timeout, name=f"listener {name}"))
-                )
-            except (WorkerSaturated, WorkerClosed) as error:
-                self._report_failure(name, error, transition)
-                failed.append((name, error))
-
-        delivered: list[str] = []
-        for name, handle in pending:
-            try:
-                handle.result()
-            except Exception as error:  # noqa: BLE001 - listeners may raise anything; each failure is reported
-                self._report_failure(name, error, transition)
-                failed.append((name, error))
-            else:
-                delivered.append(name)
-
-        latency_s = time.monotonic() - started
-        report = BroadcastReport(transition, tuple(delivered), tuple(failed), latency_s)
-        self.telemetry.count("tolaria.emergency.broadcasts")
-        self.telemetry.metric("tolaria.emergency.broadcast_latency_ms", latency_s * 1000.0, "ms")
+        report = broadcast(
+            self._worker, self.telemetry, listeners, transition, self.broadcast_timeout_s, self._report_failure
+        )
         with self._state_lock:
             self._last_broadcast = report
         return report
 
     def _report_failure(self, name: str, error: Exception, transition: Transition) -> None:
-        """Log, count and emit one listener failure."""
-        timed_out = isinstance(error, TaskTimeout)
-        logger.error(
-            "emergency listener %r failed on %s to %s at step %d%s",
-            name,
-            transition.kind.value,
-            transition.level.name,
-            transition.step,
-            " (timed out)" if timed_out else "",
-            exc_info=error,
-        )
+        """Count one listener failure, then log and emit it."""
         with self._state_lock:
             self._broadcast_failures += 1
-        self.telemetry.count("tolaria.emergency.broadcast_failures")
-        self.telemetry.event(
-            "tolaria.emergency.broadcast_failed",
-            Severity.CRITICAL,
-            listener=name,
-            error=type(error).__name__,
-            message=str(error),
-            timed_out=timed_out,
-            transition=transition.kind.value,
-            level=transition.level.name,
-            step=transition.step,
-        )
+        report_failure(self.telemetry, name, error, transition)
 
     def emit_epoch_metrics(self) -> None:
         """Record the current level, the epoch's highest level and the escalation count, then start a new epoch.

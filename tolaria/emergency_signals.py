@@ -39,16 +39,28 @@ if both reads are the same even number, so it never returns a torn write.
 from __future__ import annotations
 
 import math
-import mmap
 import os
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import NamedTuple
 
+from tolaria._signal_memory import (
+    HEADER,
+    MAGIC,
+    OWNED_NAMES,
+    PAYLOAD,
+    PAYLOAD_OFFSET,
+    REASON_CAPACITY,
+    SEQUENCE,
+    SEQUENCE_OFFSET,
+    SIGNAL_LAYOUT_SIZE,
+    VERSION,
+    ReadOnlyMapping,
+    encode_reason,
+    mapped,
+)
 from tolaria.functional.emergency import Level, as_level
 
 __all__ = [
@@ -136,30 +148,8 @@ class LocalSignal:
         return self.read().timestamp_s
 
 
-_MAGIC = b"TLRSIG\x00\x01"
-_VERSION = 1
-_REASON_CAPACITY = 256
-_HEADER = struct.Struct("<8sII")  # magic, version, reason capacity
-_SEQUENCE = struct.Struct("<Q")
-_PAYLOAD = struct.Struct(f"<diIq{_REASON_CAPACITY}s")  # timestamp, level, reason length, pid, reason
-_SEQUENCE_OFFSET = 16
-_PAYLOAD_OFFSET = 24
-SIGNAL_LAYOUT_SIZE = _PAYLOAD_OFFSET + _PAYLOAD.size
-"""Size in bytes of the shared memory block of a ``SharedMemorySignal`` (304)."""
-
-
-def _encode_reason(reason: str) -> bytes:
-    """Return ``reason`` as UTF-8, cut at a character boundary to fit the reason capacity."""
-    encoded = str(reason).encode("utf-8")
-    if len(encoded) <= _REASON_CAPACITY:
-        return encoded
-    marker = b"..."
-    cut = encoded[: _REASON_CAPACITY - len(marker)]
-    return cut.decode("utf-8", errors="ignore").encode("utf-8") + marker
-
-
 def _decode_payload(payload: bytes, sequence: int) -> SignalReading:
-    timestamp_s, level, length, _pid, reason = _PAYLOAD.unpack(payload)
+    timestamp_s, level, length, _pid, reason = PAYLOAD.unpack(payload)
     return SignalReading(
         as_level(level, name="shared signal level"), reason[:length].decode("utf-8"), timestamp_s, sequence // 2
     )
@@ -174,10 +164,10 @@ def _read_consistent(buffer: memoryview, timeout_s: float, name: str) -> SignalR
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        (before,) = _SEQUENCE.unpack_from(buffer, _SEQUENCE_OFFSET)
+        (before,) = SEQUENCE.unpack_from(buffer, SEQUENCE_OFFSET)
         if before % 2 == 0:
-            payload = bytes(buffer[_PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE])
-            (after,) = _SEQUENCE.unpack_from(buffer, _SEQUENCE_OFFSET)
+            payload = bytes(buffer[PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE])
+            (after,) = SEQUENCE.unpack_from(buffer, SEQUENCE_OFFSET)
             if before == after:
                 return _decode_payload(payload, before)
         if time.monotonic() >= deadline:
@@ -186,20 +176,6 @@ def _read_consistent(buffer: memoryview, timeout_s: float, name: str) -> SignalR
                 "the owner may have died during a write"
             )
         time.sleep(0)  # Let the writer finish.
-
-
-def _mapped(memory: shared_memory.SharedMemory) -> memoryview:
-    """Return the mapped buffer of ``memory``, which exists from construction until ``close``."""
-    buffer = memory.buf
-    if buffer is None:
-        raise ValueError(f"shared memory block {memory.name!r} is not mapped")
-    return buffer
-
-
-# Names of the blocks this process created, so that a watcher in the same process
-# (or a forked child) leaves the owner's resource tracker registration alone.
-# Only the fallback without /dev/shm needs it.
-_OWNED_NAMES: set[str] = set()
 
 
 class SharedMemorySignal:
@@ -222,12 +198,12 @@ class SharedMemorySignal:
         self._clock = clock
         self._lock = threading.Lock()
         self._memory = shared_memory.SharedMemory(name=name, create=True, size=SIGNAL_LAYOUT_SIZE)
-        self._buffer: memoryview | None = _mapped(self._memory)
+        self._buffer: memoryview | None = mapped(self._memory)
         self._sequence = 0
-        _OWNED_NAMES.add(self._memory.name)
+        OWNED_NAMES.add(self._memory.name)
         # No watcher can attach before the constructor returns, so no sequence lock is needed here.
-        _HEADER.pack_into(self._open_buffer(), 0, _MAGIC, _VERSION, _REASON_CAPACITY)
-        _SEQUENCE.pack_into(self._open_buffer(), _SEQUENCE_OFFSET, 0)
+        HEADER.pack_into(self._open_buffer(), 0, MAGIC, VERSION, REASON_CAPACITY)
+        SEQUENCE.pack_into(self._open_buffer(), SEQUENCE_OFFSET, 0)
         self._write_payload(Level.NOMINAL, "", _timestamp(None, clock))
 
     @property
@@ -246,19 +222,19 @@ class SharedMemorySignal:
         return self._buffer
 
     def _write_payload(self, level: Level, reason: str, timestamp_s: float) -> None:
-        encoded = _encode_reason(reason)
-        payload = _PAYLOAD.pack(timestamp_s, int(level), len(encoded), os.getpid(), encoded)
-        self._open_buffer()[_PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE] = payload
+        encoded = encode_reason(reason)
+        payload = PAYLOAD.pack(timestamp_s, int(level), len(encoded), os.getpid(), encoded)
+        self._open_buffer()[PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE] = payload
 
     def _publish(self, level: Level, reason: str, timestamp_s: float) -> SignalReading:
         with self._lock:
             buffer = self._open_buffer()
             # Odd while writing, so readers discard what they copy meanwhile.
-            _SEQUENCE.pack_into(buffer, _SEQUENCE_OFFSET, self._sequence + 1)
+            SEQUENCE.pack_into(buffer, SEQUENCE_OFFSET, self._sequence + 1)
             self._write_payload(level, reason, timestamp_s)
             self._sequence += 2
-            _SEQUENCE.pack_into(buffer, _SEQUENCE_OFFSET, self._sequence)
-            return _decode_payload(bytes(buffer[_PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE]), self._sequence)
+            SEQUENCE.pack_into(buffer, SEQUENCE_OFFSET, self._sequence)
+            return _decode_payload(bytes(buffer[PAYLOAD_OFFSET:SIGNAL_LAYOUT_SIZE]), self._sequence)
 
     def set(self, level: Level | int | str, reason: str, *, timestamp_s: float | None = None) -> SignalReading:
         """Publish ``level`` and ``reason`` and return the new reading.
@@ -308,54 +284,13 @@ class SharedMemorySignal:
             self._buffer = None
             self._memory.close()
             self._memory.unlink()
-            _OWNED_NAMES.discard(self._memory.name)
+            OWNED_NAMES.discard(self._memory.name)
 
     def __enter__(self) -> SharedMemorySignal:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class _ReadOnlyMapping:
-    """A read-only mapping of a shared memory block that leaves unlinking to the owner."""
-
-    def __init__(self, name: str) -> None:
-        self._mmap: mmap.mmap | None = None
-        self._memory: shared_memory.SharedMemory | None = None
-        if os.path.isdir(_LINUX_SHM_DIR):
-            # glibc and musl keep POSIX shared memory in /dev/shm. Mapping the file with
-            # ACCESS_READ makes writes fail in the kernel and bypasses the resource tracker.
-            with open(os.path.join(_LINUX_SHM_DIR, name), "rb") as file:
-                self._mmap = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            self.buffer = memoryview(self._mmap)
-        else:
-            self._memory = _attach_tracked(name)
-            self.buffer = _mapped(self._memory).toreadonly()
-
-    def close(self) -> None:
-        self.buffer.release()
-        if self._mmap is not None:
-            self._mmap.close()
-        if self._memory is not None:
-            self._memory.close()
-
-
-_LINUX_SHM_DIR = "/dev/shm"
-
-
-def _attach_tracked(name: str) -> shared_memory.SharedMemory:
-    """Attach through ``SharedMemory`` without making this process responsible for unlinking the block."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]
-    memory = shared_memory.SharedMemory(name=name)
-    # Before 3.13 attaching registers the block with this process's resource tracker,
-    # which would unlink it (under the owner) when this process exits.
-    # NOTE: only used where /dev/shm is missing and not exercised by the Linux test suite. A child
-    # started with "spawn" shares its parent's tracker, so this also drops the owner's registration.
-    if os.name == "posix" and memory.name not in _OWNED_NAMES:
-        resource_tracker.unregister(f"/{memory.name}", "shared_memory")
-    return memory
 
 
 class SharedMemorySignalWatcher:
@@ -375,7 +310,7 @@ class SharedMemorySignalWatcher:
             raise ValueError(f"name={name!r} is invalid; expected the name of a SharedMemorySignal, without '/'")
         self._name = name
         self.read_timeout_s = read_timeout_s
-        self._mapping = _ReadOnlyMapping(name)
+        self._mapping = ReadOnlyMapping(name)
         self._buffer: memoryview | None = self._mapping.buffer
         size = len(self._mapping.buffer)
         if size < SIGNAL_LAYOUT_SIZE:
@@ -384,11 +319,11 @@ class SharedMemorySignalWatcher:
                 f"shared memory block {name!r} is not a tolaria signal: "
                 f"it has {size} bytes, a signal needs {SIGNAL_LAYOUT_SIZE}"
             )
-        magic, version, capacity = _HEADER.unpack_from(self._buffer, 0)
-        if magic != _MAGIC or version != _VERSION or capacity != _REASON_CAPACITY:
+        magic, version, capacity = HEADER.unpack_from(self._buffer, 0)
+        if magic != MAGIC or version != VERSION or capacity != REASON_CAPACITY:
             self.close()
             raise ValueError(
-                f"shared memory block {name!r} is not a version {_VERSION} tolaria signal "
+                f"shared memory block {name!r} is not a version {VERSION} tolaria signal "
                 f"(magic {magic!r}, version {version}, reason capacity {capacity})"
             )
 

@@ -62,6 +62,20 @@ class EpochAccumulator:
             off_diagonal = cosine[~torch.eye(cosine.shape[0], dtype=torch.bool, device=cosine.device)]
             self._cosine_min = torch.minimum(self._cosine_min, off_diagonal.min())
 
+    def combine_ranks(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> None:
+        """Turn this rank's sums into sums over all ranks, in one collective.
+
+        Each rank's losses are means over its shard of the global batch, so the global
+        mean is the average of the ranks' means; samples add up. Applied and skipped
+        steps are already equal on every rank because skip decisions are agreed.
+        """
+        packed = torch.cat(
+            [self._loss_sum, torch.tensor([float(self.samples)], dtype=torch.float64, device=self._loss_sum.device)]
+        )
+        reduced = all_reduce_sum(packed)
+        self._loss_sum = reduced[:-1] / world_size
+        self.samples = int(reduced[-1].item())
+
     def train_loss(self, names: tuple[str, ...]) -> dict[str, float]:
         """Mean loss per objective over applied steps (NaN when none was applied)."""
         steps = max(self.applied_steps, 1)

@@ -28,7 +28,7 @@ __all__ = ["GradientComputer", "objective_usage", "per_objective_gradients", "sp
 logger = logging.getLogger(__name__)
 
 
-def objective_usage(losses: torch.Tensor, parameters: Sequence[torch.Tensor]) -> list[tuple[bool, ...]]:
+def objective_usage(losses: Sequence[torch.Tensor], parameters: Sequence[torch.Tensor]) -> list[tuple[bool, ...]]:
     """Return, for each parameter, which objectives' losses depend on it.
 
     Runs one backward per objective (``retain_graph=True``), so call it once, not
@@ -36,15 +36,17 @@ def objective_usage(losses: torch.Tensor, parameters: Sequence[torch.Tensor]) ->
     graph counts as used even where its gradient happens to be zero.
 
     Args:
-        losses: ``[n]`` losses that share one autograd graph.
+        losses: the n scalar losses as separate tensors. Pass them before they are
+            stacked: an element of a stacked tensor depends, through the stack, on
+            every other loss's graph, so every parameter would look used.
         parameters: the tensors to test, each with ``requires_grad=True``.
 
     Returns:
         One tuple of ``n`` booleans per parameter.
     """
     rows: list[tuple[torch.Tensor | None, ...]] = []
-    for index in range(losses.shape[0]):
-        rows.append(torch.autograd.grad(losses[index], parameters, retain_graph=True, allow_unused=True))
+    for loss in losses:
+        rows.append(torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True))
     return [tuple(row[position] is not None for row in rows) for position in range(len(parameters))]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ class StepRecord:
 
 @dataclasses.dataclass(frozen=True)
 class LoopResult:
-    """What ``TrainingLoop.run`` returns.
+    """The result of ``TrainingLoop.run``.
 
     Attributes:
         epochs: metrics of each completed epoch.
@@ -81,9 +82,12 @@ class _EpochRun:
     started: float
     accumulator: EpochAccumulator | None = None
     decision: SafetyDecision = CONTINUE
+    batches_seen: int = 0
+    skip_through: tuple[int, int] = (-1, -1)
 
 
-EpochEnd = Callable[[EpochMetrics], None]
+EpochEnd = Callable[[EpochMetrics], str | None]
+"""Called with each completed epoch's metrics; returns a reason to halt, or ``None``."""
 
 
 class TrainingLoop:
@@ -96,12 +100,16 @@ class TrainingLoop:
         guard: snapshots, emergency evaluation and rollback; ``None`` disables them.
         telemetry: where events go.
         validate: returns ``(val_loss, val_accuracy)`` at each epoch end.
-        at_epoch_end: called with each epoch's metrics, in order: control loop,
-            telemetry packet, callbacks and checkpoint (see ``Trainer``).
+        at_epoch_end: called with each epoch's metrics (control loop, telemetry packet,
+            callbacks and checkpoint; see ``Trainer``); it returns a reason to halt,
+            for example when controller timeouts raised the level to HALT, or ``None``.
         step_callbacks: called after every executed step.
         checkpoint_steps: called with the position after a step when
             ``checkpoint.every_steps`` says so; ``None`` disables.
         progress_bar: draw a tqdm bar per epoch.
+        combine_ranks: under ``torch.distributed``, sums a tensor over all ranks, so
+            epoch metrics cover every rank's data; ``None`` in a single process.
+        world_size: number of ranks ``combine_ranks`` sums over.
     """
 
     def __init__(
@@ -119,6 +127,10 @@ class TrainingLoop:
         checkpoint_steps: Callable[[Position], None] | None = None,
         scheduler_step: Callable[[], None] | None = None,
         progress_bar: bool = False,
+        restore_monitor: Callable[[Mapping[str, Any]], None] | None = None,
+        after_rollback: Callable[[Position], None] | None = None,
+        combine_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        world_size: int = 1,
     ) -> None:
         self.runner = runner
         self.train_data = train_data
@@ -132,30 +144,43 @@ class TrainingLoop:
         self._checkpoint_steps = checkpoint_steps
         self._scheduler_step = scheduler_step
         self._progress_bar = progress_bar
+        self._restore_monitor = restore_monitor
+        self._after_rollback = after_rollback
+        self._combine_ranks = combine_ranks
+        self._world_size = world_size
 
     def run(self, start: Position) -> LoopResult:
         """Train from ``start`` until the last epoch ends or the guard halts."""
-        position, skip = start, 0
+        position, skip, through = start, 0, (-1, -1)
         completed: list[EpochMetrics] = []
         while position.epoch < self.epochs:
-            run = self._run_batches(position, skip)
+            run = self._run_batches(position, skip, through)
             if run.decision.halt:
                 return LoopResult(tuple(completed), run.position, halted=True, halt_reason=run.decision.reason)
             if run.decision.resume_at is not None:
                 position, skip = self._resume_after_rollback(run.decision)
+                # Never replay the batch that triggered the rollback (nor those before it).
+                through = (run.position.epoch, run.position.batch - 1)
                 continue
             metrics = self._finish_epoch(run)
+            # A rollback into an earlier epoch runs it again; its new metrics replace the old.
+            completed = [earlier for earlier in completed if earlier.epoch < metrics.epoch]
             completed.append(metrics)
-            self._at_epoch_end(metrics)
-            position, skip = Position(position.epoch + 1, 0, run.position.global_step), run.skip
+            halt_reason = self._at_epoch_end(metrics)
+            position = Position(position.epoch + 1, 0, run.position.global_step)
+            skip, through = run.skip, run.skip_through
+            if halt_reason is not None:
+                return LoopResult(tuple(completed), position, halted=True, halt_reason=halt_reason)
         return LoopResult(tuple(completed), position)
 
     def _resume_after_rollback(self, decision: SafetyDecision) -> tuple[Position, int]:
-        monitor = decision.restored_extra.get("loss_monitor")
-        if monitor is not None:
-            self.runner.monitor_state = monitor
+        if self._restore_monitor is not None:
+            self._restore_monitor(decision.restored_extra)
+        position = decision.resume_at or Position(0, 0, 0)
+        if self._after_rollback is not None:
+            self._after_rollback(position)
         skip = self.guard.config.skip_batches if self.guard is not None else 0
-        return decision.resume_at or Position(0, 0, 0), skip
+        return position, skip
 
     def _batches(self, epoch: int) -> Iterable[Any]:
         set_epoch = getattr(self.train_data, "set_epoch", None)
@@ -164,14 +189,15 @@ class TrainingLoop:
         total = len(self.train_data) if hasattr(self.train_data, "__len__") else None  # type: ignore[arg-type]
         return progress(self.train_data, enabled=self._progress_bar, epoch=epoch, total=total)
 
-    def _run_batches(self, start: Position, skip: int) -> _EpochRun:
-        run = _EpochRun(position=start, skip=skip, started=time.perf_counter())
+    def _run_batches(self, start: Position, skip: int, through: tuple[int, int]) -> _EpochRun:
+        run = _EpochRun(position=start, skip=skip, started=time.perf_counter(), skip_through=through)
         for index, batch in enumerate(self._batches(start.epoch)):
+            run.batches_seen += 1
             if index < start.batch:
                 continue
             run.position = Position(start.epoch, index, run.position.global_step)
-            if run.skip > 0:
-                run.skip -= 1
+            if run.skip > 0 or (start.epoch, index) <= run.skip_through:
+                run.skip = max(run.skip - 1, 0)
                 self._report_skipped_batch(run.position)
                 continue
             self._run_one(batch, run)
@@ -203,13 +229,22 @@ class TrainingLoop:
     def _finish_epoch(self, run: _EpochRun) -> EpochMetrics:
         epoch = run.position.epoch
         train_seconds = time.perf_counter() - run.started
-        if run.accumulator is None:
-            raise ValueError(f"train_data yielded no batches to run in epoch {epoch}; expected at least one")
+        if run.batches_seen == 0:
+            raise ValueError(f"train_data yielded no batches in epoch {epoch}; expected at least one")
         if self._scheduler_step is not None:
-            self._scheduler_step()
+            with warnings.catch_warnings():
+                if run.accumulator is None:
+                    # A process resumed after the epoch's last batch has not stepped the optimizer,
+                    # so torch warns; the restored scheduler state is correct.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                self._scheduler_step()
         val_loss, val_accuracy = self._validate()
+        # No step may have run in this pass: the skipped batches used up the epoch, or the run
+        # resumed after the epoch's last batch (validation has then named the objectives).
         names = self.runner.objective_names or ()
-        accumulator = run.accumulator
+        accumulator = run.accumulator or EpochAccumulator(len(names), self.runner.device)
+        if self._combine_ranks is not None:
+            accumulator.combine_ranks(self._combine_ranks, self._world_size)
         return EpochMetrics(
             epoch=epoch,
             global_step=run.position.global_step,
@@ -238,6 +273,9 @@ class TrainingLoop:
         )
 
     def _report_skipped_batch(self, position: Position) -> None:
+        if self.guard is not None:
+            self.guard.skipped_batches += 1
+        self.telemetry.count("tolaria.rollback.skipped_batches")
         self.telemetry.event(
             "tolaria.rollback.batch_skipped",
             Level.INFO,

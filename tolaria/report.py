@@ -6,8 +6,12 @@ skipped with a WARNING log naming its line number, and the report covers the res
 
 Time axis: epochs, counted from 1. The metrics of epoch ``e`` (0-based in the packets)
 are drawn at ``x = e + 1``, the end of that epoch. Events are drawn inside their epoch,
-between ``x = e`` and ``x = e + 1``, in proportion to their ``step`` attribute (or the
-packet's step) within the epoch's step range.
+between ``x = e`` and ``x = e + 1``, in proportion to their step within the epoch's step
+range. An event's step is the first of its ``step``, ``restored_step`` and ``target_step``
+attributes that is a number (rollback events carry only the last two), else the packet's
+step. The step range of an epoch runs from the last step of the epoch before to the last
+step of the epoch. Both come only from the packets that carry ``tolaria.train.loss``, so
+the packet a crashed or finished run flushes last cannot move a marker.
 
 Exit codes of ``run_report``: 0 when the report was written. Bad input (a missing
 folder, a missing or empty telemetry file) raises ``ReportInputError``, which the CLI
@@ -23,7 +27,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 from tolaria.functional.emergency import Level as EmergencyLevel
 from tolaria.telemetry.records import TelemetryPacket
@@ -48,14 +52,28 @@ MARKER_EVENTS: Mapping[str, str] = {
     "tolaria.rollback.completed": "rollback",
     "tolaria.rollback.failed": "rollback failed",
     "tolaria.rollback.deadline_exceeded": "rollback failed",
-    "timeout_inference": "timeout",
-    "tolaria.timeout.tamiyo": "timeout",
-    "tolaria.timeout.kasmina": "timeout",
+    "timeout_inference": "controller",
+    "tolaria.command.failed": "executor",
     "tolaria.anomaly.nonfinite": "skipped step",
     "tolaria.anomaly.spike": "loss spike",
     "tolaria.emergency.escalated": "escalation",
 }
-"""Events marked on the time axis, and the kind of marker each becomes."""
+"""Events marked on the time axis, and the kind of marker each becomes.
+
+The controller and executor events get ``" timeout"`` or ``" failure"`` added from their
+``status`` attribute (``timed_out`` or ``failed``): ``"controller timeout"``, ``"executor failure"``.
+"""
+
+_CONTROL_ROLES = frozenset({"controller", "executor"})
+
+# Attributes that hold the step of an event, most precise first.
+_STEP_ATTRIBUTES = ("step", "target_step", "restored_step")
+
+# The per-epoch training metric whose packets define the epochs and their step ranges.
+_EPOCH_METRIC = "tolaria.train.loss"
+
+# Counters of calls that timed out, by role.
+_TIMEOUT_COUNTERS = {"controller": "tolaria.timeout.tamiyo", "executor": "tolaria.timeout.kasmina"}
 
 
 class ReportInputError(ValueError):
@@ -115,27 +133,67 @@ def _label(attributes: Mapping[str, Any]) -> str:
     return ",".join(str(attributes[key]) for key in sorted(attributes))
 
 
-def _epoch_step_ranges(packets: Iterable[TelemetryPacket]) -> dict[int, tuple[int, int]]:
-    """Map each epoch to ``(first step, last step)`` from the steps of its end-of-epoch packets."""
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_epoch_packet(packet: TelemetryPacket) -> bool:
+    """Return whether ``packet`` ends a training epoch, that is, carries ``tolaria.train.loss``."""
+    return packet.epoch >= 0 and any(metric.name == _EPOCH_METRIC for metric in packet.metrics)
+
+
+def _epoch_ends(packets: Iterable[TelemetryPacket]) -> dict[int, int]:
+    """Map each training epoch to its last step: the largest step of its end-of-epoch packets.
+
+    The largest, so that a later packet of the same epoch with a smaller step (a repeat
+    after a crash or a resume) never shrinks the epoch.
+    """
     ends: dict[int, int] = {}
     for packet in packets:
-        if packet.metrics and packet.epoch >= 0:
-            ends[packet.epoch] = packet.step
+        if _is_epoch_packet(packet):
+            ends[packet.epoch] = max(ends.get(packet.epoch, packet.step), packet.step)
+    return ends
+
+
+def _epoch_step_ranges(packets: Iterable[TelemetryPacket]) -> dict[int, tuple[int, int]]:
+    """Map each training epoch to ``(first step, last step)``.
+
+    The first step is the last step of the epoch before. When that epoch is missing (a
+    file that starts with a resumed run) the epochs before are taken as equally long.
+    """
+    ends = _epoch_ends(packets)
     ranges = {}
     for epoch, end in ends.items():
-        start = ends.get(epoch - 1, 0)
+        start = ends.get(epoch - 1, end * epoch // (epoch + 1))
         ranges[epoch] = (start, end)
     return ranges
 
 
-def _event_x(packet: TelemetryPacket, step: object, ranges: Mapping[int, tuple[int, int]]) -> float:
+def _event_step(attributes: Mapping[str, Any], packet: TelemetryPacket) -> float:
+    """Return the step an event happened at: its first numeric step attribute, else the packet's step."""
+    for key in _STEP_ATTRIBUTES:
+        value = attributes.get(key)
+        if _is_number(value):
+            return float(value)
+    return float(packet.step)
+
+
+def _event_x(packet: TelemetryPacket, step: float, ranges: Mapping[int, tuple[int, int]]) -> float:
     """Return the x position of an event of ``packet`` that happened at ``step``."""
     epoch = max(packet.epoch, 0)
     start, end = ranges.get(epoch, (0, 0))
-    if isinstance(step, (int, float)) and not isinstance(step, bool) and end > start:
-        fraction = min(max((float(step) - start) / (end - start), 0.0), 1.0)
+    if end > start:
+        fraction = min(max((step - start) / (end - start), 0.0), 1.0)
         return epoch + fraction
     return float(epoch + 1)
+
+
+def _marker_kind(name: str, attributes: Mapping[str, Any]) -> str | None:
+    """Return the marker kind of event ``name``, or ``None`` when it is not marked."""
+    kind = MARKER_EVENTS.get(name)
+    if kind in _CONTROL_ROLES:
+        return f"{kind} timeout" if attributes.get("status") == "timed_out" else f"{kind} failure"
+    return kind
 
 
 def _add_packet(history: RunHistory, packet: TelemetryPacket, ranges: Mapping[int, tuple[int, int]]) -> None:
@@ -147,10 +205,10 @@ def _add_packet(history: RunHistory, packet: TelemetryPacket, ranges: Mapping[in
             history.series.setdefault(metric.name, {}).setdefault(_label(metric.attributes), {})[x] = metric.value
     for event in packet.events:
         history.event_counts[event.name] += 1
-        kind = MARKER_EVENTS.get(event.name)
+        kind = _marker_kind(event.name, event.attributes)
         if kind is not None:
-            step = event.attributes.get("step", packet.step)
-            history.markers.append(Marker(_event_x(packet, step, ranges), kind, event.name, dict(event.attributes)))
+            x = _event_x(packet, _event_step(event.attributes, packet), ranges)
+            history.markers.append(Marker(x, kind, event.name, dict(event.attributes)))
 
 
 def load_history(path: Path) -> RunHistory:
@@ -226,13 +284,17 @@ def _objective_rows(history: RunHistory) -> list[tuple[str, ...]]:
 
 
 def _emergency_summary(history: RunHistory) -> str:
-    """Return ``"max <level>, last <level>"`` over every series of ``tolaria.emergency.level``.
+    """Return ``"max <level>, last <level>"`` of the run's emergency level.
 
-    The last level is read from the series without attributes, or else from the one
-    labelled ``current`` (when the level is reported as ``stat=current`` and ``stat=max``).
+    The max is the highest ``tolaria.emergency.max_level`` (each epoch's highest level,
+    escalations inside the epoch included). A run that does not report it falls back to
+    the highest ``tolaria.emergency.level``, which holds only the level at each epoch end.
+    The last level is read from the ``tolaria.emergency.level`` series without
+    attributes, or else from the one labelled ``current``.
     """
     series = history.series.get("tolaria.emergency.level", {})
-    highest = max((value for points in series.values() for value in points.values()), default=None)
+    maxima = history.series.get("tolaria.emergency.max_level") or series
+    highest = max((value for points in maxima.values() for value in points.values()), default=None)
     label = "" if "" in series else "current"
     return f"max {_emergency_name(highest)}, last {_emergency_name(history.last('tolaria.emergency.level', label))}"
 
@@ -240,15 +302,18 @@ def _emergency_summary(history: RunHistory) -> str:
 def _run_rows(history: RunHistory) -> list[tuple[str, str]]:
     packets = history.packets
     last = packets[-1]
-    epochs = sorted({packet.epoch for packet in packets if packet.metrics and packet.epoch >= 0})
+    epochs = {packet.epoch for packet in packets if _is_epoch_packet(packet)}
     kinds = Counter(marker.kind for marker in history.markers)
+    timeouts = {role: round(history.counters.get(name, 0.0)) for role, name in _TIMEOUT_COUNTERS.items()}
+    timeout_text = f"{sum(timeouts.values())} (controller {timeouts['controller']}, executor {timeouts['executor']})"
     return [
         ("run id", last.run_id or "-"),
         ("epochs reported", str(len(epochs))),
         ("last step", str(last.step)),
         ("packets", f"{len(packets)} ({len(history.invalid_lines)} invalid lines skipped)"),
         ("rollbacks", f"{kinds['rollback']} completed, {kinds['rollback failed']} failed"),
-        ("timeouts", str(kinds["timeout"])),
+        ("timeouts", timeout_text),
+        ("control call failures", f"controller {kinds['controller failure']}, executor {kinds['executor failure']}"),
         ("skipped steps", str(kinds["skipped step"])),
         ("loss spikes", str(kinds["loss spike"])),
         ("emergency level", _emergency_summary(history)),

@@ -2,9 +2,10 @@
 
 Panels: loss per objective (training solid, validation dashed), accuracy per objective
 (validation solid, training dashed when reported), gradient conflict ratio, emergency
-level, learning rate, and throughput. Rollbacks, timeouts, skipped steps and loss spikes
-are vertical lines across every panel; emergency escalations are points on the emergency
-panel. The figure is drawn with matplotlib's Agg canvas, without pyplot, so it needs no
+level, learning rate, and throughput. Rollbacks, controller and executor timeouts and
+failures, skipped steps and loss spikes are vertical lines across every panel. The
+emergency panel draws the level at each epoch end, the highest level inside each epoch,
+and each escalation as a point. The figure is drawn with matplotlib's Agg canvas, without pyplot, so it needs no
 display and leaves matplotlib's global state alone.
 """
 
@@ -26,7 +27,10 @@ _INSTALL_HINT = "pip install 'tolaria[plot]'"
 _LINE_MARKERS = {
     "rollback": ("tab:purple", "-"),
     "rollback failed": ("black", "-"),
-    "timeout": ("tab:orange", "--"),
+    "controller timeout": ("tab:orange", "--"),
+    "controller failure": ("tab:orange", "-"),
+    "executor timeout": ("tab:olive", "--"),
+    "executor failure": ("tab:olive", "-"),
     "skipped step": ("tab:red", ":"),
     "loss spike": ("tab:brown", "-."),
 }
@@ -91,13 +95,24 @@ def _accuracy_panel(axes: Any, history: RunHistory, colours: dict[str, str]) -> 
     _finish_axes(axes, "accuracy per objective", drawn)
 
 
-def _emergency_panel(axes: Any, history: RunHistory) -> None:
+def _emergency_levels(axes: Any, history: RunHistory) -> bool:
+    """Draw the level at each epoch end and the highest level in each epoch; return whether anything was drawn."""
     drawn = False
     for label, points in sorted(history.values("tolaria.emergency.level").items()):
         xs, ys = zip(*points, strict=True)
         # A value is the level at the end of its epoch, so it is drawn over that epoch.
         axes.step(xs, ys, where="pre", marker="o", markersize=3, label=label or "level at epoch end")
         drawn = True
+    for label, points in sorted(history.values("tolaria.emergency.max_level").items()):
+        xs, ys = zip(*points, strict=True)
+        text = f"{label} max in epoch" if label else "max in epoch"
+        axes.step(xs, ys, where="pre", linestyle="--", color="tab:gray", marker="v", markersize=3, label=text)
+        drawn = True
+    return drawn
+
+
+def _emergency_panel(axes: Any, history: RunHistory) -> None:
+    drawn = _emergency_levels(axes, history)
     escalations = [marker for marker in history.markers if marker.kind == "escalation"]
     if escalations:
         levels = [_level_value(marker.attributes.get("level")) for marker in escalations]

@@ -25,8 +25,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tolaria.distributed import DistributedContext, agree_any, agree_rollback_step
 from tolaria.emergency import EmergencyController
 from tolaria.functional.emergency import Level, StepSignals, Transition
+from tolaria.functional.rollback import AttemptStatus
 from tolaria.rollback import RollbackManager
 from tolaria.rollback.results import DeadlineSignal
 from tolaria.settings import SafetyConfig
@@ -97,6 +99,9 @@ class SafetyGuard:
         telemetry: where events and counters go.
         capture_extra: returns the values saved with each snapshot besides the
             position (for example the loss monitor state).
+        context: under ``torch.distributed``, ranks agree on the rollback target (the
+            newest step every rank has a snapshot for) and on its success; a rollback
+            that fails on any rank counts as failed on every rank.
     """
 
     def __init__(
@@ -106,12 +111,14 @@ class SafetyGuard:
         rollback: RollbackManager,
         telemetry: Telemetry,
         capture_extra: Callable[[], Mapping[str, Any]],
+        context: DistributedContext | None = None,
     ) -> None:
         self.config = config
         self.emergency = emergency
         self.rollback = rollback
         self.telemetry = telemetry
         self._capture_extra = capture_extra
+        self._context = context if context is not None and context.is_distributed else None
         self._executed_steps = 0
         self._rollback_marks: deque[int] = deque()
         self._trouble_step: int | None = None
@@ -194,7 +201,10 @@ class SafetyGuard:
             return SafetyDecision(halt=True, reason=reason)
         trouble = self._trouble_step if self._trouble_step is not None else position.global_step
         # The snapshot at step `trouble` was taken before that step ran, so it is clean.
-        result = self.rollback.rollback(trouble, reason=self.emergency.state.reason or "anomaly")
+        target = self._agreed_target(trouble, position.global_step)
+        result = self.rollback.rollback(target, reason=self.emergency.state.reason or "anomaly")
+        if self._context is not None and agree_any(not result.ok, self._context, step=position.global_step):
+            result = result._replace(status=AttemptStatus.FAILED, error=result.error or "failed on another rank")
         if not result.ok:
             self.emergency.observe(StepSignals(position.global_step, rollback_failed=True))
             reason = f"rollback to step {trouble} failed: {result.error}"
@@ -206,8 +216,8 @@ class SafetyGuard:
         self.rollbacks += 1
         self._trouble_step = None
         restored = Position.from_extra(result.extra)
-        self.skipped_batches += self.config.skip_batches
-        self.telemetry.count("tolaria.rollback.skipped_batches", self.config.skip_batches)
+        # Snapshots newer than the restored one were dropped: the schedule restarts from it.
+        self._last_snapshot_step = restored.global_step
         logger.warning(
             "rolled back from step %d to step %d; skipping the next %d batches",
             position.global_step,
@@ -215,6 +225,19 @@ class SafetyGuard:
             self.config.skip_batches,
         )
         return SafetyDecision(resume_at=restored, restored_extra=result.extra, reason=result.reason)
+
+    def _agreed_target(self, trouble: int, global_step: int) -> int:
+        """Return the rollback target step.
+
+        In one process it is ``trouble``. Under distributed training it is the newest
+        step at or before ``trouble`` that every rank has a snapshot for.
+        """
+        if self._context is None:
+            return trouble
+        available = [step for step in self.rollback.cached_steps if step <= trouble]
+        agreed = agree_rollback_step(available, self._context, step=global_step)
+        # With no common snapshot every rank asks for `trouble`, which the full tier may serve.
+        return trouble if agreed is None else agreed
 
     def _report_spike(self, outcome: StepOutcome, position: Position) -> None:
         self.spikes += 1

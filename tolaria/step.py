@@ -38,7 +38,7 @@ Objectives = Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]]
 
 
 class StepOutcome(NamedTuple):
-    """What one step produced, still on the device.
+    """The result of one step, still on the device.
 
     Attributes:
         losses: ``[n]`` float32 losses, detached, in objective order.
@@ -119,11 +119,17 @@ class StepRunner:
         on_gradient_fallback: called with the error when ``"auto"`` gives up batching.
         loss_monitor: spike detection settings; the monitor state is built on the
             first step, when the number of objectives is known.
-        agree_flags: maps the step's ``[4]`` float32 flag tensor to host floats; the
-            default reads it with ``tolist``, and distributed training passes an
-            all-reduce (MAX) so every rank takes the same decision.
+        agree_flags: maps the step's ``[4]`` float32 flag tensor to host floats. The
+            default reads it with ``tolist``. Distributed training passes an
+            all-reduce (MAX), so every rank takes the same decision.
         average_gradients: applied to ``{"shared": ..., "exclusive": ...}`` before
-            aggregation; distributed training passes the cross-rank mean.
+            aggregation (or to ``{"combined": ...}`` on summed steps); distributed
+            training passes the cross-rank mean.
+        stats_every: for the linear aggregators (``sum``, ``mean``, ``weighted``),
+            compute per-objective gradients and aggregation statistics only on steps
+            that are multiples of this; the other steps take one backward of the
+            weighted loss sum, which gives the same combined gradient for a
+            fraction of the cost. PCGrad always uses per-objective gradients.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class StepRunner:
         loss_monitor: anomaly.LossMonitorConfig | None = None,
         agree_flags: Callable[[torch.Tensor], list[float]] | None = None,
         average_gradients: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+        stats_every: int = 1,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -155,6 +162,10 @@ class StepRunner:
         self.grad_clip_norm = grad_clip_norm
         self.seed = seed
         self._check_objectives = check_objectives
+        self._loss_terms: tuple[torch.Tensor, ...] = ()
+        self.stats_every = stats_every
+        self._coefficients: torch.Tensor | None = None
+        self._coefficient_values: list[float] = []
         self._loss_monitor_config = loss_monitor or anomaly.LossMonitorConfig()
         self.monitor_state: anomaly.LossMonitorState | None = None
         self._agree_flags = agree_flags or _read_flags
@@ -186,6 +197,22 @@ class StepRunner:
             ) from error
         return self._stack_losses(loss_map)
 
+    def _set_coefficients(self, count: int) -> None:
+        """Record the linear aggregator's effective coefficient of each objective, if it is linear."""
+        if self.aggregator_name == "sum":
+            values = [1.0] * count
+        elif self.aggregator_name == "mean":
+            values = [1.0 / count] * count
+        elif self.aggregator_name == "weighted" and self._weights is not None:
+            total = float(self._weights.sum())
+            values = [float(weight) / total for weight in self._weights] if total > 0 else []
+        else:
+            values = []
+        # A zero coefficient cannot be divided out of an exclusive parameter's gradient.
+        if values and all(value > 0 for value in values):
+            self._coefficient_values = values
+            self._coefficients = torch.tensor(values, dtype=torch.float32)
+
     def _stack_losses(self, loss_map: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if not isinstance(loss_map, Mapping) or not loss_map:
             raise ValueError(f"objectives must return a non-empty mapping of name to loss, got {type(loss_map)!r}")
@@ -194,13 +221,16 @@ class StepRunner:
             if self._check_objectives is not None:
                 self._check_objectives(names)
             self.objective_names = names
+            self._set_coefficients(len(names))
         elif names != self.objective_names:
             raise ValueError(f"objectives returned names {list(names)}, expected {list(self.objective_names)}")
         for name, loss in loss_map.items():
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"objective {name!r} returned {shape}; expected a scalar floating-point tensor")
-        return torch.stack([loss.float() for loss in loss_map.values()])
+        # Kept separate for objective_usage, which cannot see structure through a stack.
+        self._loss_terms = tuple(loss.float() for loss in loss_map.values())
+        return torch.stack(self._loss_terms)
 
     def run(self, batch: Any, global_step: int) -> StepOutcome:
         """Take one step on ``batch``; see the module docstring for the order of work."""
@@ -208,15 +238,10 @@ class StepRunner:
         losses = self.forward(batch)
         scaler = self.precision.scaler
         backward_losses = scaler.scale(losses) if scaler is not None else losses
-        shared, exclusive = self._gradients(backward_losses)
-        if self._average_gradients is not None:
-            averaged = self._average_gradients({"shared": shared, "exclusive": exclusive}, global_step)
-            shared, exclusive = averaged["shared"], averaged["exclusive"]
-
-        started = time.perf_counter()
-        combined, stats = self._combine(shared, global_step)
-        aggregation_ms = (time.perf_counter() - started) * 1000.0
-        combined.update(exclusive)
+        if self._summed_step(global_step):
+            combined, stats, aggregation_ms = self._summed_gradients(backward_losses, global_step), None, 0.0
+        else:
+            combined, stats, aggregation_ms = self._aggregated_gradients(backward_losses, global_step)
 
         finite = self._finite(losses, combined, check_grads=scaler is None)
         summary = self._monitor(losses)
@@ -239,12 +264,58 @@ class StepRunner:
             nonfinite_loss=bool(nonfinite_loss),
         )
 
+    def _summed_step(self, global_step: int) -> bool:
+        """Return whether this step may use one backward of the weighted loss sum (see ``stats_every``)."""
+        return (
+            self._coefficients is not None
+            and self._usage is not None
+            and self.stats_every > 1
+            and global_step % self.stats_every != 0
+        )
+
+    def _aggregated_gradients(
+        self, losses: torch.Tensor, global_step: int
+    ) -> tuple[dict[str, torch.Tensor | None], aggregation.AggregationStats | None, float]:
+        shared, exclusive = self._gradients(losses)
+        if self._average_gradients is not None:
+            averaged = self._average_gradients({"shared": shared, "exclusive": exclusive}, global_step)
+            shared, exclusive = averaged["shared"], averaged["exclusive"]
+        started = time.perf_counter()
+        combined, stats = self._combine(shared, global_step)
+        aggregation_ms = (time.perf_counter() - started) * 1000.0
+        combined.update(exclusive)
+        return combined, stats, aggregation_ms
+
+    def _summed_gradients(self, losses: torch.Tensor, global_step: int) -> dict[str, torch.Tensor | None]:
+        """Combined gradients from one backward of ``Σ c_k L_k``, for linear aggregators.
+
+        Shared parameters get ``Σ c_k g_k``, which is what ``sum``, ``mean`` and
+        ``weighted`` return. A parameter used only by objective ``k`` gets
+        ``c_k g_k``, which is divided by ``c_k`` so that it receives that objective's
+        gradient unchanged, as on the per-objective path.
+        """
+        coefficients = self._coefficients
+        usage = self._usage
+        if coefficients is None or usage is None:
+            raise RuntimeError("the summed-gradient path needs the coefficients and parameter usage")
+        total = (losses * coefficients.to(losses.device, losses.dtype)).sum()
+        parameters = [parameter for _, parameter in self._named]
+        grads = torch.autograd.grad(total, parameters, allow_unused=True)
+        combined: dict[str, torch.Tensor | None] = {}
+        for (name, _), grad in zip(self._named, grads, strict=True):
+            users = [index for index, used in enumerate(usage[name]) if used]
+            exclusive = grad is not None and len(users) == 1
+            combined[name] = grad / self._coefficient_values[users[0]] if exclusive else grad
+        if self._average_gradients is not None:
+            combined = self._average_gradients({"combined": combined}, global_step)["combined"]
+        return combined
+
     def _gradients(
         self, losses: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]]:
         parameters = [parameter for _, parameter in self._named]
         if self._usage is None:
-            usage = objective_usage(losses, parameters)
+            usage = objective_usage(self._loss_terms, parameters)
             self._usage = {name: used for (name, _), used in zip(self._named, usage, strict=True)}
         grads = self.gradients(losses, parameters)
         return split_by_usage([name for name, _ in self._named], grads, self._usage)

@@ -22,26 +22,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from tolaria.checkpointing import CheckpointKeeper, TrainingObjects
+from tolaria.assembly import build_control, build_guard
+from tolaria.checkpointing import CheckpointKeeper, TrainingObjects, apply_extra, capture_state, restore_state
 from tolaria.config import TrainerConfig
-from tolaria.control import ControlLoop, KasminaClient, OptimizerExecutor, TamiyoClient
+from tolaria.control import KasminaClient, TamiyoClient
 from tolaria.devices import resolve_device, seed_everything
 from tolaria.distributed import DistributedContext, average_gradients, rank_path
-from tolaria.emergency import EmergencyController
+from tolaria.distributed.step_hooks import agreed_flags, rank_sum
 from tolaria.epoch import Accuracy
-from tolaria.epoch_control import EpochControl
+from tolaria.epoch_telemetry import publish_epoch
 from tolaria.functional import anomaly
 from tolaria.loop import LoopResult, StepRecord, TrainingLoop, evaluate_with, monitor_extra
 from tolaria.precision import MixedPrecision
 from tolaria.profiler import TrainingProfiler
 from tolaria.results import EpochMetrics, FitResult
-from tolaria.rollback import RollbackManager
-from tolaria.safety import Position, SafetyGuard
+from tolaria.safety import Position
 from tolaria.step import Objectives, StepRunner
 from tolaria.telemetry import JsonlSink, Level, Telemetry
 from tolaria.worker import AsyncWorker
@@ -122,8 +122,29 @@ class Trainer:
         self.worker = worker or AsyncWorker(name="tolaria-trainer", telemetry=self.telemetry)
         self.precision = MixedPrecision(self.config.amp, self.device)
         self.runner = self._build_runner(objectives)
-        self.guard = self._build_guard()
-        self.control = self._build_control(tamiyo, kasmina)
+        self.guard = build_guard(
+            self.config,
+            self.model,
+            optimizer,
+            scheduler=lr_scheduler,
+            scaler=self.precision.scaler,
+            worker=self.worker,
+            telemetry=self.telemetry,
+            capture_extra=lambda: monitor_extra(self.runner),
+            context=self.context,
+        )
+        self._tamiyo = tamiyo
+        self.control = build_control(
+            self.config,
+            tamiyo,
+            kasmina,
+            optimizer,
+            worker=self.worker,
+            context=self.context,
+            guard=self.guard,
+            telemetry=self.telemetry,
+        )
+        self.objects = self._build_objects()
         self.checkpoints = self._build_checkpoints()
         self._validate = evaluate_with(self.runner, val_data, accuracy)
         self._step_callbacks = tuple(step_callbacks)
@@ -137,7 +158,7 @@ class Trainer:
         agree = None
         average = None
         if context.is_distributed:
-            agree = _agreed_flags(context)
+            agree = agreed_flags(context)
 
             def average(tree: dict[str, Any], step: int) -> dict[str, Any]:
                 return average_gradients(tree, context, step=step)
@@ -157,54 +178,11 @@ class Trainer:
             loss_monitor=self.config.loss_monitor,
             agree_flags=agree,
             average_gradients=average,
+            stats_every=self.config.stats_every,
         )
 
-    def _build_guard(self) -> SafetyGuard:
-        safety = self.config.safety
-        emergency = EmergencyController(
-            self.config.emergency,
-            telemetry=self.telemetry,
-            worker=self.worker,
-            broadcast_timeout_s=safety.broadcast_timeout_s,
-        )
-        checkpoint_dir = None if self.config.out_dir is None else self.config.out_dir / "checkpoints"
-        rollback = RollbackManager(
-            self.model,
-            self.optimizer,
-            scheduler=self.lr_scheduler,
-            scaler=self.precision.scaler,
-            capacity_bytes=safety.snapshot_capacity_bytes,
-            checkpoint_dir=checkpoint_dir,
-            worker=self.worker,
-            deadline_s=safety.rollback_deadline_s,
-            telemetry=self.telemetry,
-        )
-        guard = SafetyGuard(safety, emergency, rollback, self.telemetry, lambda: monitor_extra(self.runner))
-        rollback.on_deadline_exceeded = guard.on_deadline_exceeded
-        return guard
-
-    def _build_control(self, tamiyo: TamiyoClient | None, kasmina: KasminaClient | None) -> EpochControl | None:
-        if tamiyo is None and kasmina is None:
-            return None
-        if tamiyo is None:
-            raise ValueError("kasmina was given without tamiyo; pass a controller (TamiyoClient) as well")
-        executor = kasmina or OptimizerExecutor(self.optimizer)
-        control = self.config.control
-        loop = ControlLoop(
-            tamiyo,
-            executor,
-            self.worker,
-            tamiyo_timeout_s=control.tamiyo_timeout_s,
-            kasmina_timeout_s=control.kasmina_timeout_s,
-            breaker_policy=control.breaker,
-            telemetry=self.telemetry,
-        )
-        return EpochControl(loop, executor, self.context, self.guard, self.telemetry)
-
-    def _build_checkpoints(self) -> CheckpointKeeper | None:
-        if self.config.out_dir is None:
-            return None
-        objects = TrainingObjects(
+    def _build_objects(self) -> TrainingObjects:
+        return TrainingObjects(
             self.model,
             self.optimizer,
             self.lr_scheduler,
@@ -213,14 +191,36 @@ class Trainer:
             set_monitor=self._set_monitor,
             loss_monitor_config=self.config.loss_monitor,
         )
+
+    def _build_checkpoints(self) -> CheckpointKeeper | None:
+        if self.config.out_dir is None:
+            return None
         return CheckpointKeeper(
             self.config.checkpoint,
             self.config.out_dir / "checkpoints",
-            objects,
+            self.objects,
             self.context,
             self.telemetry,
-            state_extra=lambda: {"telemetry": self.telemetry.state_dict()},
+            state_extra=lambda: {"telemetry": self.telemetry.state_dict(), **self._controller_state()},
         )
+
+    def _controller_state(self) -> dict[str, Any]:
+        state_dict = getattr(self._tamiyo, "state_dict", None)
+        return {"tamiyo": state_dict()} if callable(state_dict) else {}
+
+    def _restore_monitor(self, extra: Mapping[str, Any]) -> None:
+        """Put back the loss monitor saved with a snapshot or checkpoint (none: before the first step)."""
+        saved = extra.get("loss_monitor")
+        if saved is None:
+            self.runner.monitor_state = None
+        elif isinstance(saved, anomaly.LossMonitorState):
+            self.runner.monitor_state = saved
+        else:
+            state = anomaly.LossMonitorState(
+                history=saved["history"], count=saved["count"], config=self.config.loss_monitor,
+                scalar=bool(saved["scalar"]),
+            )
+            self._set_monitor(state)
 
     def _set_monitor(self, state: anomaly.LossMonitorState) -> None:
         self.runner.monitor_state = anomaly.LossMonitorState(
@@ -273,6 +273,29 @@ class Trainer:
         logger.info("training finished: %d epochs, %d steps, %.1f s", len(result.epochs), self.global_step, wall_time)
         return FitResult(result.epochs, self.global_step, wall_time, result.halted, result.halt_reason)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return the training state, as ``Module.state_dict`` does for a module.
+
+        It contains the model, optimizer, scheduler and gradient scaler states, the RNG
+        states, the position (epoch, batch, global step), the loss monitor and the
+        telemetry sequence numbers; everything loads with ``torch.load(weights_only=True)``.
+        Tensors are shared with the live objects: copy the result to keep it.
+        """
+        return capture_state(self.objects, self.position, {"telemetry": self.telemetry.state_dict()})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from ``state_dict`` in place; the next ``fit`` continues from it.
+
+        Raises:
+            KeyError: a required entry is missing.
+            RuntimeError: the model's parameters do not match (``strict`` loading).
+        """
+        extra = restore_state(self.objects, state)
+        self.position = apply_extra(self.objects, extra)
+        telemetry_state = extra.get("telemetry")
+        if telemetry_state:
+            self.telemetry.load_state_dict(telemetry_state)
+
     @property
     def global_step(self) -> int:
         """Optimizer steps applied so far."""
@@ -301,29 +324,39 @@ class Trainer:
             checkpoint_steps=None if checkpoints is None else checkpoints.after_step,
             scheduler_step=None if self.lr_scheduler is None else self.lr_scheduler.step,
             progress_bar=self.config.progress,
+            restore_monitor=self._restore_monitor,
+            after_rollback=None if checkpoints is None else checkpoints.discard_after,
+            combine_ranks=rank_sum(self.context) if self.context.is_distributed else None,
+            world_size=self.context.world_size,
         )
 
     def _resume(self, source: str | os.PathLike[str]) -> Position:
         if self.checkpoints is None:
             raise ValueError("resume_from needs TrainerConfig.out_dir, where the resumed run writes its checkpoints")
         position, extra = self.checkpoints.resume(source)
+        load_controller = getattr(self._tamiyo, "load_state_dict", None)
+        if "tamiyo" in extra and callable(load_controller):
+            load_controller(extra["tamiyo"])
         telemetry_state = extra.get("telemetry")
         if telemetry_state:
             self.telemetry.load_state_dict(telemetry_state)
         self.telemetry.event("tolaria.run.resumed", Level.INFO, source=str(source), **position.to_extra())
         return position
 
-    def _at_epoch_end(self, metrics: EpochMetrics) -> None:
+    def _at_epoch_end(self, metrics: EpochMetrics) -> str | None:
+        halt_reason = None
         if self.control is not None:
             decision = self.control.run(metrics)
             if decision is not None and decision.halt:
-                logger.error("control loop trouble raised the emergency level to HALT: %s", decision.reason)
+                halt_reason = decision.reason
         self.guard.emergency.emit_epoch_metrics()
-        self._publish_epoch(metrics)
+        publish_epoch(self.telemetry, metrics)
         for callback in self.callbacks:
             callback(metrics)
-        if self.checkpoints is not None:
+        # A halted run's state goes to halted/ (see _halt), never to the rotating checkpoints.
+        if self.checkpoints is not None and halt_reason is None:
             self.checkpoints.after_epoch(Position(metrics.epoch + 1, 0, metrics.global_step))
+        return halt_reason
 
     def _halt(self, result: LoopResult) -> None:
         logger.critical("training halted at step %d: %s", result.position.global_step, result.halt_reason)
@@ -400,35 +433,3 @@ class Trainer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _publish_epoch(self, metrics: EpochMetrics) -> None:
-        telemetry = self.telemetry
-        for name, value in metrics.train_loss.items():
-            telemetry.metric("tolaria.train.loss", value, "1", objective=name)
-        for name, value in metrics.val_loss.items():
-            telemetry.metric("tolaria.val.loss", value, "1", objective=name)
-        for name, value in metrics.val_accuracy.items():
-            telemetry.metric("tolaria.val.accuracy", value, "1", objective=name)
-        for key, value in metrics.aggregation.items():
-            unit = "ms" if key == "latency_ms" else "1"
-            telemetry.metric(f"tolaria.grad_agg.{key}", value, unit)
-        for index, lr in enumerate(metrics.learning_rates):
-            telemetry.metric("tolaria.optim.lr", lr, "1", group=index)
-        telemetry.metric("tolaria.train.throughput", metrics.samples_per_s, "samples/s")
-        telemetry.metric("tolaria.train.skipped_steps", metrics.skipped_steps, "1")
-        telemetry.metric("tolaria.train.epoch_ms", metrics.wall_time_s * 1000.0, "ms")
-        telemetry.flush(metrics.epoch, metrics.global_step)
-
-
-def _agreed_flags(context: DistributedContext) -> Callable[[torch.Tensor], list[float]]:
-    """Return a flag reader that takes the maximum of each flag over all ranks."""
-    from tolaria.distributed.errors import collective_guard
-
-    def agree(flags: torch.Tensor) -> list[float]:
-        reduced = flags.to(context.device)
-        with collective_guard("all_reduce(step flags)", context):
-            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
-        values: list[float] = reduced.tolist()
-        return values
-
-    return agree

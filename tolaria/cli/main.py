@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default="WARNING",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="level of log messages written to standard error (default: INFO)",
+        help="level of log messages written to standard error (default: WARNING; INFO adds run "
+        "start and stop, checkpoints and worker lifecycle)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(

@@ -23,6 +23,8 @@ def finite_or_none(value: float) -> float | None:
 class EpochTable:
     """Prints one row per epoch: training loss and validation accuracy per objective.
 
+    Epochs are numbered from 1, as in ``tolaria report``; telemetry packets count from 0.
+
     Args:
         objectives: column order.
     """
@@ -45,7 +47,7 @@ class EpochTable:
         accuracy = " ".join(f"{metrics.val_accuracy.get(name, math.nan):6.3f}" for name in self.objectives)
         conflict = metrics.aggregation.get("conflict_ratio", math.nan)
         print(
-            f"{metrics.epoch:5d}  {losses}   {accuracy}   {conflict:8.3f}  {metrics.skipped_steps:7d}  "
+            f"{metrics.epoch + 1:5d}  {losses}   {accuracy}   {conflict:8.3f}  {metrics.skipped_steps:7d}  "
             f"{metrics.wall_time_s:6.2f}",
             flush=True,
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Collection, Iterable
+from typing import Any
 
 from tolaria.control.clients import KasminaClient, TamiyoClient
 from tolaria.control.commands import AdaptationCommand
@@ -132,6 +133,17 @@ class FaultyTamiyo:
         if state.epoch in self.hang_epochs:
             _hang(cancel, self.hang_s)
         return self.inner.evaluate_epoch(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``inner``'s state (empty when it keeps none), so a resumed run continues it."""
+        state_dict = getattr(self.inner, "state_dict", None)
+        return dict(state_dict()) if callable(state_dict) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``inner``'s state saved by ``state_dict``."""
+        load_state_dict = getattr(self.inner, "load_state_dict", None)
+        if callable(load_state_dict) and state:
+            load_state_dict(state)
 
 
 class FaultyKasmina:

@@ -90,10 +90,13 @@ class LossMonitorConfig:
             (default 64, at least 3).
         warmup: finite losses an objective must have seen before its spikes are
             flagged (default 16, between 1 and ``window``).
-        threshold: robust z-score above which a loss is a spike (default 6.0, > 0).
+        threshold: robust z-score above which a loss is a spike (default 20.0, > 0).
         min_relative_scale: floor of the scale as a fraction of ``|median|``
-            (default 0.1, >= 0). With the defaults a loss must exceed the median by
-            at least 60 % to be a spike.
+            (default 1.0, >= 0). With the defaults a loss must exceed the median by
+            at least 20 times the median to be a spike. Mini-batch losses late in
+            training are heavy-tailed (one misclassified sample can raise a batch's
+            loss tenfold), and lower defaults flagged ordinary batches of the digits
+            demo as spikes.
 
     Raises:
         ValueError: a field is invalid; the message names it and echoes the value.
@@ -101,8 +104,8 @@ class LossMonitorConfig:
 
     window: int = 64
     warmup: int = 16
-    threshold: float = 6.0
-    min_relative_scale: float = 0.1
+    threshold: float = 20.0
+    min_relative_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_int("window", self.window, 3)

@@ -177,6 +177,12 @@ _EVENTS: Sequence[CatalogEntry] = (
     _event("tolaria.run.finished", Level.INFO, "Training finished.", "epoch step"),
     _event("tolaria.run.failed", Level.ERROR, "Training stopped on an exception.", "reason error message epoch step"),
     _event("tolaria.run.halted", Level.CRITICAL, "The emergency level reached HALT; training stopped.", "reason step"),
+    _event(
+        "tolaria.checkpoint.world_size_changed",
+        Level.WARNING,
+        "A checkpoint was resumed by a different number of ranks than wrote it.",
+        "reason saved_world_size world_size",
+    ),
     _event("tolaria.run.resumed", Level.INFO, "Training resumed from a checkpoint.", "source epoch batch global_step"),
     _event(
         "tolaria.rollback.batch_skipped",

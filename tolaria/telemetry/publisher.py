@@ -50,6 +50,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from tolaria.telemetry._publisher_view import PublisherView, Reporter
 from tolaria.telemetry.assembly import DROP_SUMMARY, DROPPED, PacketAssembler
 from tolaria.telemetry.delivery import SinkChannel, open_channel
 from tolaria.telemetry.policy import DeliveryPolicy
@@ -81,7 +82,7 @@ class TelemetrySinkError(RuntimeError):
     """A sink failed while the publisher runs with ``strict=True``; ``__cause__`` is the sink's exception."""
 
 
-class Telemetry:
+class Telemetry(PublisherView):
     """Collects metrics, counters and events and hands packets to the sinks.
 
     Thread-safe: the training thread, worker threads and listeners may all report.
@@ -131,59 +132,9 @@ class Telemetry:
         self._failure: tuple[str, BaseException] | None = None
         self._closed = False
         self._warned_closed = False
-        self._reporter = _Reporter(self._on_sink_failed, self._on_sink_recovered, self._on_packets_dropped)
+        self._reporter = Reporter(self._on_sink_failed, self._on_sink_recovered, self._on_packets_dropped)
         self._channels: list[SinkChannel] = [open_channel(sink, self._reporter, self.policy) for sink in sinks]
         _open_publishers.add(self)
-
-    @property
-    def source(self) -> str:
-        """Component name written into each packet."""
-        return self._assembler.source
-
-    @property
-    def attributes(self) -> Mapping[str, Any]:
-        """Run-level labels written into each packet."""
-        return dict(self._assembler.attributes)
-
-    @property
-    def run_id(self) -> str:
-        """Identifier of the run, written into each packet."""
-        return self._assembler.run_id
-
-    @property
-    def rank(self) -> int:
-        """Process rank written into each packet."""
-        return self._assembler.rank
-
-    @property
-    def sinks(self) -> tuple[Sink, ...]:
-        """The sinks packets are written to."""
-        with self._lock:
-            return tuple(channel.sink for channel in self._channels)
-
-    @property
-    def counters(self) -> Mapping[str, float]:
-        """Running totals of every counter since the publisher was created."""
-        with self._lock:
-            return dict(self._assembler.counters)
-
-    @property
-    def event_counts(self) -> Mapping[str, int]:
-        """Number of events recorded so far by name, including any dropped later."""
-        with self._lock:
-            return dict(self._assembler.event_counts)
-
-    @property
-    def emitted_names(self) -> frozenset[str]:
-        """Every event, metric and counter name recorded so far."""
-        assembler = self._assembler
-        with self._lock:
-            return frozenset(assembler.event_counts) | frozenset(assembler.metric_names) | frozenset(assembler.counters)
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close`` has been called."""
-        return self._closed
 
     def add_sink(self, sink: Sink) -> None:
         """Send later packets to ``sink`` too.
@@ -418,17 +369,3 @@ def _close_at_exit() -> None:
         if not telemetry.closed:
             logger.info("closing telemetry of run %s at interpreter exit", telemetry.run_id)
             telemetry.close()
-
-
-class _Reporter:
-    """Adapter through which the delivery channels report to their publisher."""
-
-    def __init__(
-        self,
-        sink_failed: Callable[..., None],
-        sink_recovered: Callable[[str, int, float], None],
-        packets_dropped: Callable[[str, Sequence[TelemetryPacket], str], None],
-    ) -> None:
-        self.sink_failed = sink_failed
-        self.sink_recovered = sink_recovered
-        self.packets_dropped = packets_dropped

@@ -190,15 +190,20 @@ class ProcessPool:
     def _spawn(self) -> None:
         # Runs on a short-lived thread: starting a spawn process takes milliseconds of
         # blocking work that would delay every deadline on the event loop.
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=runpy.run_path,
-            args=(_child.__file__,),
-            kwargs={"init_globals": {"connection": child_end}, "run_name": _child.RUN_NAME},
-            name=f"{self._name}-process",
-            daemon=True,
-        )
         try:
+            # Creating the pipe can fail too (EMFILE), so it is inside the reported block.
+            parent_end, child_end = self._context.Pipe(duplex=True)
+        except BaseException as error:  # noqa: BLE001 - reported through on_spawn_failed
+            self._listener.post(self._spawn_failed, error)
+            return
+        try:
+            process = self._context.Process(
+                target=runpy.run_path,
+                args=(_child.__file__,),
+                kwargs={"init_globals": {"connection": child_end}, "run_name": _child.RUN_NAME},
+                name=f"{self._name}-process",
+                daemon=True,
+            )
             process.start()
         except BaseException as error:  # noqa: BLE001 - reported through on_spawn_failed
             parent_end.close()
