@@ -9,15 +9,56 @@ import torch
 
 from tolaria.config import TrainerConfig
 from tolaria.control import ControlLoop, KasminaClient, OptimizerExecutor, TamiyoClient
-from tolaria.distributed import DistributedContext
+from tolaria.distributed import DistributedContext, average_gradients
+from tolaria.distributed.step_hooks import agreed_flags
 from tolaria.emergency import EmergencyController
 from tolaria.epoch_control import EpochControl
+from tolaria.precision import MixedPrecision
 from tolaria.rollback import RollbackManager
 from tolaria.safety import SafetyGuard
+from tolaria.step import Objectives, StepRunner
 from tolaria.telemetry import Telemetry
 from tolaria.worker import AsyncWorker
 
-__all__ = ["build_control", "build_guard"]
+__all__ = ["build_control", "build_guard", "build_runner"]
+
+
+def build_runner(
+    config: TrainerConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objectives: Objectives,
+    *,
+    precision: MixedPrecision,
+    context: DistributedContext,
+    on_gradient_fallback: Callable[[RuntimeError], None],
+) -> StepRunner:
+    """Build the step runner; under ``torch.distributed`` it averages gradients and agrees on flags."""
+    agree = None
+    average = None
+    if context.is_distributed:
+        agree = agreed_flags(context)
+
+        def average(tree: dict[str, Any], step: int) -> dict[str, Any]:
+            return average_gradients(tree, context, step=step)
+
+    return StepRunner(
+        model,
+        optimizer,
+        objectives,
+        aggregator=config.aggregator,
+        weights=config.weights,
+        precision=precision,
+        gradient_mode=config.gradient_mode,
+        grad_clip_norm=config.grad_clip_norm,
+        seed=config.seed,
+        check_objectives=config.check_objectives,
+        on_gradient_fallback=on_gradient_fallback,
+        loss_monitor=config.loss_monitor,
+        agree_flags=agree,
+        average_gradients=average,
+        stats_every=config.stats_every,
+    )
 
 
 def build_guard(

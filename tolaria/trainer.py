@@ -27,22 +27,21 @@ from typing import Any
 
 import torch
 
-from tolaria.assembly import build_control, build_guard
+from tolaria.assembly import build_control, build_guard, build_runner
 from tolaria.checkpointing import CheckpointKeeper, TrainingObjects, apply_extra, capture_state, restore_state
 from tolaria.config import TrainerConfig
 from tolaria.control import KasminaClient, TamiyoClient
 from tolaria.devices import resolve_device, seed_everything
-from tolaria.distributed import DistributedContext, average_gradients, rank_path
-from tolaria.distributed.step_hooks import agreed_flags, rank_sum
+from tolaria.distributed import DistributedContext, rank_path
+from tolaria.distributed.step_hooks import rank_sum
 from tolaria.epoch import Accuracy
 from tolaria.epoch_telemetry import publish_epoch
-from tolaria.functional import anomaly
 from tolaria.loop import LoopResult, StepRecord, TrainingLoop, evaluate_with, monitor_extra
 from tolaria.precision import MixedPrecision
 from tolaria.profiler import TrainingProfiler
 from tolaria.results import EpochMetrics, FitResult
 from tolaria.safety import Position
-from tolaria.step import Objectives, StepRunner
+from tolaria.step import Objectives
 from tolaria.telemetry import JsonlSink, Level, Telemetry
 from tolaria.worker import AsyncWorker
 
@@ -121,7 +120,15 @@ class Trainer:
         self._owns_worker = worker is None
         self.worker = worker or AsyncWorker(name="tolaria-trainer", telemetry=self.telemetry)
         self.precision = MixedPrecision(self.config.amp, self.device)
-        self.runner = self._build_runner(objectives)
+        self.runner = build_runner(
+            self.config,
+            self.model,
+            optimizer,
+            objectives,
+            precision=self.precision,
+            context=self.context,
+            on_gradient_fallback=self._report_gradient_fallback,
+        )
         self.guard = build_guard(
             self.config,
             self.model,
@@ -153,34 +160,6 @@ class Trainer:
 
     # Construction: one builder per component.
 
-    def _build_runner(self, objectives: Objectives) -> StepRunner:
-        context = self.context
-        agree = None
-        average = None
-        if context.is_distributed:
-            agree = agreed_flags(context)
-
-            def average(tree: dict[str, Any], step: int) -> dict[str, Any]:
-                return average_gradients(tree, context, step=step)
-
-        return StepRunner(
-            self.model,
-            self.optimizer,
-            objectives,
-            aggregator=self.config.aggregator,
-            weights=self.config.weights,
-            precision=self.precision,
-            gradient_mode=self.config.gradient_mode,
-            grad_clip_norm=self.config.grad_clip_norm,
-            seed=self.config.seed,
-            check_objectives=self.config.check_objectives,
-            on_gradient_fallback=self._report_gradient_fallback,
-            loss_monitor=self.config.loss_monitor,
-            agree_flags=agree,
-            average_gradients=average,
-            stats_every=self.config.stats_every,
-        )
-
     def _build_objects(self) -> TrainingObjects:
         return TrainingObjects(
             self.model,
@@ -188,7 +167,7 @@ class Trainer:
             self.lr_scheduler,
             self.precision.scaler,
             monitor=lambda: self.runner.monitor_state,
-            set_monitor=self._set_monitor,
+            set_monitor=self.runner.set_monitor,
             loss_monitor_config=self.config.loss_monitor,
         )
 
@@ -207,28 +186,6 @@ class Trainer:
     def _controller_state(self) -> dict[str, Any]:
         state_dict = getattr(self._tamiyo, "state_dict", None)
         return {"tamiyo": state_dict()} if callable(state_dict) else {}
-
-    def _restore_monitor(self, extra: Mapping[str, Any]) -> None:
-        """Put back the loss monitor saved with a snapshot or checkpoint (none: before the first step)."""
-        saved = extra.get("loss_monitor")
-        if saved is None:
-            self.runner.monitor_state = None
-        elif isinstance(saved, anomaly.LossMonitorState):
-            self.runner.monitor_state = saved
-        else:
-            state = anomaly.LossMonitorState(
-                history=saved["history"], count=saved["count"], config=self.config.loss_monitor,
-                scalar=bool(saved["scalar"]),
-            )
-            self._set_monitor(state)
-
-    def _set_monitor(self, state: anomaly.LossMonitorState) -> None:
-        self.runner.monitor_state = anomaly.LossMonitorState(
-            history=state.history.to(self.device),
-            count=state.count.to(self.device),
-            config=state.config,
-            scalar=state.scalar,
-        )
 
     def _report_gradient_fallback(self, error: RuntimeError) -> None:
         self.telemetry.count("tolaria.gradients.batched_fallbacks")
@@ -324,7 +281,7 @@ class Trainer:
             checkpoint_steps=None if checkpoints is None else checkpoints.after_step,
             scheduler_step=None if self.lr_scheduler is None else self.lr_scheduler.step,
             progress_bar=self.config.progress,
-            restore_monitor=self._restore_monitor,
+            restore_monitor=self.runner.restore_monitor,
             after_rollback=None if checkpoints is None else checkpoints.discard_after,
             combine_ranks=rank_sum(self.context) if self.context.is_distributed else None,
             world_size=self.context.world_size,

@@ -61,11 +61,14 @@ def run_ranks(
     deadline_s: float,
     world_size: int = 2,
     environment: dict[str, str] | None = None,
+    worker: Path = WORKER,
+    log_prefix: str = "",
 ) -> JobResult:
     """Start ``world_size`` worker processes with torchrun's variables and wait for the ranks in ``wait_for``.
 
     Ranks not in ``wait_for`` (a rank set to hang) are killed once those have exited
-    or ``deadline_s`` has passed, whichever comes first.
+    or ``deadline_s`` has passed, whichever comes first. ``worker`` is the script each
+    rank runs; each rank's log is ``out_dir/<log_prefix>rank<r>.log``.
     """
     port = str(free_port())
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -75,10 +78,10 @@ def run_ranks(
             RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_PORT=port, **(environment or {})
         )
         name = f"rank{rank}"
-        log_paths[name] = out_dir / f"{name}.log"
+        log_paths[name] = out_dir / f"{log_prefix}{name}.log"
         with log_paths[name].open("wb") as log:
             processes[name] = subprocess.Popen(
-                [sys.executable, str(WORKER), job, str(out_dir), "--timeout-s", str(timeout_s)],
+                [sys.executable, str(worker), job, str(out_dir), "--timeout-s", str(timeout_s)],
                 env=rank_environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,

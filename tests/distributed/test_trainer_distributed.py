@@ -7,11 +7,8 @@ The tests compare its ranks with each other and with a one-process run in this p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import distributed_trainer_cases as cases
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_ranks import TORCHRUN, JobResult, base_environment, free_port, load_result
+from spawn_ranks import TORCHRUN, JobResult, base_environment, free_port, load_result, run_ranks
 
 from tolaria.demo import digits_objectives
 from tolaria.distributed import DistributedContext
@@ -48,32 +45,14 @@ def run_trainer_ranks(
     job: str, out_dir: Path, *, timeout_s: float, wait_for: tuple[int, ...] = RANKS, deadline_s: float = JOB_DEADLINE_S
 ) -> JobResult:
     """Start both ranks of ``job``, wait for the ranks in ``wait_for``, then kill any rank still running."""
-    port = str(free_port())
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    log_paths: dict[str, Path] = {}
-    for rank in RANKS:
-        environment = base_environment(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_PORT=port)
-        name = f"rank{rank}"
-        log_paths[name] = out_dir / f"{job}.{name}.log"
-        with log_paths[name].open("wb") as log:
-            processes[name] = subprocess.Popen(
-                [sys.executable, str(WORKER), job, str(out_dir), "--timeout-s", str(timeout_s)],
-                env=environment,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-    deadline = time.monotonic() + deadline_s
-    for rank in wait_for:
-        # A rank still running at the deadline is killed below, so the test gets exit code -9 and the log.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            processes[f"rank{rank}"].wait(timeout=max(deadline - time.monotonic(), 0.1))
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return JobResult(
-        returncodes={name: process.returncode for name, process in processes.items()},
-        logs={name: path.read_text(errors="replace") for name, path in log_paths.items()},
+    return run_ranks(
+        job,
+        out_dir,
+        timeout_s=timeout_s,
+        wait_for=wait_for,
+        deadline_s=deadline_s,
+        worker=WORKER,
+        log_prefix=f"{job}.",
     )
 
 

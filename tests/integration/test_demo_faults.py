@@ -17,7 +17,7 @@ import torch
 
 from tolaria.cli import main
 from tolaria.cli.demo import DEMO_CONTROL
-from tolaria.telemetry import read_jsonl
+from tolaria.telemetry import catalog, read_jsonl
 
 STEPS_PER_EPOCH = 45
 # Slack for a busy 2-core machine on top of the configured timeouts. Part of it grows
@@ -100,6 +100,29 @@ def test_demo_survives_controller_and_loss_faults(tmp_path: Path) -> None:
     # The rollback from step 59 (epoch 1) to the snapshot of step 30 (epoch 0) runs the end
     # of epoch 0 a second time, but the run still has 4 epochs, not 5.
     assert summary["epochs"] == 4
+
+
+def test_every_fault_emits_only_catalogued_names(tmp_path: Path) -> None:
+    run_dir = tmp_path / "all-faults"
+    faults = (
+        "tamiyo-hang@1",
+        "tamiyo-error@2",
+        "kasmina-hang@3",
+        "kasmina-error@4",
+        "nan@30",
+        "spike@60",
+    )
+    injected = [argument for fault in faults for argument in ("--inject", fault)]
+    assert demo("--epochs", "5", "--out", str(run_dir), *injected) == 0
+
+    packets = list(read_jsonl(run_dir / "telemetry.jsonl"))
+    metric_names = {metric.name for packet in packets for metric in packet.metrics}
+    event_names_seen = {event.name for packet in packets for event in packet.events}
+    assert catalog.undeclared(metric_names | event_names_seen) == set()
+    assert {name for name in metric_names if catalog.lookup_metric(name) is None} == set()
+    assert {name for name in event_names_seen if catalog.lookup_event(name) is None} == set()
+    for expected in ("timeout_inference", "tolaria.command.failed", "tolaria.rollback.completed"):
+        assert expected in event_names_seen
 
 
 def test_demo_halts_after_too_many_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

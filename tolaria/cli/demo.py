@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tolaria import checkpoint
 from tolaria.cli.errors import EXIT_HALTED, EXIT_OK, UsageError
 from tolaria.cli.injection import LOSS_FAULTS, LossFaults
 from tolaria.cli.output import EpochTable, finite_or_none, write_json_atomic
@@ -148,6 +149,24 @@ def _apply_saved_options(args: argparse.Namespace) -> argparse.Namespace:
     return merged
 
 
+def _check_resume_target(run_dir: Path, epochs: int) -> None:
+    """Raise unless the newest checkpoint in ``run_dir`` leaves epochs to train.
+
+    Reading the checkpoint here, before anything runs, keeps a refused resume from
+    writing to the run folder.
+    """
+    try:
+        _, state = checkpoint.load_latest(run_dir / "checkpoints")
+    except checkpoint.CheckpointError as error:
+        raise UsageError(f"--resume {run_dir}: {error}") from error
+    completed = int(state["extra"].get("epoch", 0))
+    if completed >= epochs:
+        raise UsageError(
+            f"--resume {run_dir}: the run has already completed {completed} epochs; "
+            f"pass --epochs greater than {completed} to train further"
+        )
+
+
 def build_config(args: argparse.Namespace) -> TrainerConfig:
     """Turn parsed options into a validated ``TrainerConfig``.
 
@@ -241,6 +260,8 @@ def run_demo(args: argparse.Namespace) -> int:
         args = _apply_saved_options(args)
     config = build_config(args)
     plan = _fault_plan(args.inject)
+    if args.resume is not None:
+        _check_resume_target(args.resume, config.epochs)
     if args.threads < 1:
         raise UsageError(f"--threads must be an integer >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -259,8 +280,8 @@ def run_demo(args: argparse.Namespace) -> int:
     objectives = LossFaults(digits_objectives, plan.extra())
     table = EpochTable(OBJECTIVES)
     if main_process:
-        if args.resume is None:
-            _save_options(args, out_dir)
+        # On a resume the saved options get the new epoch total.
+        _save_options(args, out_dir)
         print(f"run folder: {out_dir}")
         table.print_header()
     with Trainer(
@@ -278,13 +299,6 @@ def run_demo(args: argparse.Namespace) -> int:
     ) as trainer:
         result = trainer.fit(resume_from=args.resume)
         summary = _summary(config, result, trainer)
-        completed = trainer.position.epoch
-    if args.resume is not None and not result.epochs and not result.halted:
-        # Nothing ran, so the run's summary.json stays as it was.
-        raise UsageError(
-            f"--resume {args.resume}: the run has already completed {completed} epochs; "
-            f"pass --epochs greater than {completed} to train further"
-        )
     if not main_process:
         return EXIT_HALTED if result.halted else EXIT_OK
     write_json_atomic(out_dir / "summary.json", summary)

@@ -63,6 +63,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         ValueError: ``data`` contains NaN or infinities.
     """
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file readable by its owner only; give it the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             json.dump(data, file, indent=2, allow_nan=False)

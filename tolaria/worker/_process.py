@@ -107,6 +107,8 @@ class ProcessPool:
         self._idle: collections.deque[_Child] = collections.deque()
         self._starting = 0
         self._reapers: set[threading.Thread] = set()
+        # Guards _reapers so that close() never sees a reaper added but not yet started.
+        self._reapers_lock = threading.Lock()
         self._closed = False
 
     def idle_count(self) -> int:
@@ -171,11 +173,13 @@ class ProcessPool:
         for child in children:
             child.process.join(max(0.0, deadline - time.monotonic()))
             child.connection.close()
-        for reaper in tuple(self._reapers):
+        with self._reapers_lock:
+            reapers = tuple(self._reapers)
+        for reaper in reapers:
             reaper.join(max(0.0, deadline - time.monotonic()))
 
         alive = [f"pid {child.process.pid}" for child in children if child.process.is_alive()]
-        alive += [reaper.name for reaper in tuple(self._reapers) if reaper.is_alive()]
+        alive += [reaper.name for reaper in reapers if reaper.is_alive()]
         if alive:
             logger.error("worker processes or reapers %s still alive after shutdown", alive)
         return not alive
@@ -274,8 +278,9 @@ class ProcessPool:
 
     def _reap_in_background(self, child: _Child, lost_job: Job | None = None) -> None:
         reaper = threading.Thread(target=self._reap, args=(child, lost_job), name=f"{self._name}-reaper", daemon=True)
-        self._reapers.add(reaper)
-        reaper.start()
+        with self._reapers_lock:
+            self._reapers.add(reaper)
+            reaper.start()
 
     def _reap(self, child: _Child, lost_job: Job | None) -> None:
         # Joining blocks for up to the grace period, so it happens here and not on the loop.
@@ -295,4 +300,5 @@ class ProcessPool:
                 lost_job.handle.name,
             )
             self._listener.post(self._listener.on_process_lost, lost_job, exitcode)
-        self._reapers.discard(threading.current_thread())
+        with self._reapers_lock:
+            self._reapers.discard(threading.current_thread())
