@@ -257,3 +257,23 @@ def test_actions_per_level():
     assert em.actions("HALT").save_and_stop
     assert em.actions(4).stop_adaptation
     assert not em.actions(Level.HALT).roll_back
+
+
+def test_state_mapping_round_trip_keeps_age() -> None:
+    from tolaria.functional import emergency as core
+
+    start = core.initial(step=0, now=100.0)
+    state, _ = core.escalate(start, core.Level.CONSERVATIVE, reason="spikes", now=130.0, step=7)
+    data = core.state_to_mapping(state, now=150.0)
+    assert data["age_s"] == 20.0
+    restored = core.state_from_mapping(data, now=5.0)
+    assert restored == state._replace(since_s=-15.0)
+
+
+def test_state_mapping_missing_field_rejected() -> None:
+    from tolaria.functional import emergency as core
+
+    data = core.state_to_mapping(core.initial(), now=1.0)
+    del data["level"]
+    with pytest.raises(ValueError, match="missing the field 'level'"):
+        core.state_from_mapping(data, now=1.0)

@@ -336,3 +336,17 @@ def test_exclusive_head_unchanged_under_conflict() -> None:
     assert result.epochs[0].aggregation["conflicts"] >= 1
     for old, new, grad in zip(before, model.head_a.parameters(), expected, strict=True):
         torch.testing.assert_close(new.detach(), old - 0.1 * grad)
+
+
+def test_state_dict_carries_emergency_state() -> None:
+    from tolaria.functional.emergency import Level
+
+    with make_trainer(TrainerConfig(epochs=1, device="cpu")) as first:
+        first.fit()
+        first.guard.emergency.escalate(Level.ELEVATED, reason="test trouble", step=first.global_step)
+        state = first.state_dict()
+    with make_trainer(TrainerConfig(epochs=1, device="cpu")) as second:
+        second.load_state_dict(state)
+        assert second.guard.emergency.level == Level.ELEVATED
+        assert second.guard.emergency.state.reason == "test trouble"
+        assert second.guard.emergency.max_level == Level.ELEVATED

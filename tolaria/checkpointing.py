@@ -1,12 +1,12 @@
 """``CheckpointKeeper``: when the trainer writes checkpoints, and how it resumes from one.
 
 A checkpoint contains the model, optimizer, scheduler, gradient scaler, RNG states, the
-data position (epoch, batch index, global step), the loss monitor state and the
-telemetry sequence numbers. Resuming restores all of them, so a run resumed from
-step k takes bit-identical steps to an uninterrupted run on the CPU, provided the
-training data's order depends only on the epoch (``tolaria.data.EpochBatches`` or a
-loader with ``set_epoch``). The emergency level is not restored: it starts at
-NOMINAL.
+data position (epoch, batch index, global step) and the loss monitor state, plus what
+the trainer adds: the emergency state, the controller's state and the telemetry
+sequence numbers. Resuming restores all of them, so a run resumed from step k takes
+bit-identical steps to an uninterrupted run on the CPU, provided the training data's
+order depends only on the epoch (``tolaria.data.EpochBatches`` or a loader with
+``set_epoch``).
 
 Under ``torch.distributed`` only rank 0 writes, and every rank waits until the
 checkpoint is committed (``tolaria.distributed.save_on_main``).

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from tolaria._emergency_broadcast import (
     BroadcastReport,
@@ -358,6 +359,25 @@ class EmergencyController:
         self.telemetry.metric("tolaria.emergency.escalation_count", float(escalations), "1")
 
     # Lifecycle.
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the emergency state and the highest level reached, as plain values."""
+        with self._state_lock:
+            data = emergency.state_to_mapping(self._state, now=self._clock())
+            data["max_level"] = int(self._max_level)
+        return data
+
+    def load_state_dict(self, data: Mapping[str, Any]) -> None:
+        """Restore a state from ``state_dict`` when a run resumes; listeners are not called.
+
+        Raises:
+            ValueError: ``data`` is not a state saved by ``state_dict``.
+        """
+        state = emergency.state_from_mapping(data, now=self._clock())
+        with self._state_lock:
+            self._state = state
+            self._last_step = state.since_step
+            self._max_level = max(self._max_level, Level(int(data.get("max_level", state.level))))
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop accepting transitions and shut down the worker if the controller started it. Idempotent."""

@@ -180,8 +180,26 @@ class Trainer:
             self.objects,
             self.context,
             self.telemetry,
-            state_extra=lambda: {"telemetry": self.telemetry.state_dict(), **self._controller_state()},
+            state_extra=self._shell_state,
         )
+
+    def _shell_state(self) -> dict[str, Any]:
+        """Return the shell's state saved with every checkpoint besides the training objects."""
+        return {
+            "telemetry": self.telemetry.state_dict(),
+            "emergency": self.guard.emergency.state_dict(),
+            **self._controller_state(),
+        }
+
+    def _load_shell_state(self, extra: Mapping[str, Any]) -> None:
+        """Restore what ``_shell_state`` saved; entries a checkpoint lacks are left as they are."""
+        load_controller = getattr(self._tamiyo, "load_state_dict", None)
+        if "tamiyo" in extra and callable(load_controller):
+            load_controller(extra["tamiyo"])
+        if extra.get("emergency"):
+            self.guard.emergency.load_state_dict(extra["emergency"])
+        if extra.get("telemetry"):
+            self.telemetry.load_state_dict(extra["telemetry"])
 
     def _controller_state(self) -> dict[str, Any]:
         state_dict = getattr(self._tamiyo, "state_dict", None)
@@ -234,11 +252,12 @@ class Trainer:
         """Return the training state, as ``Module.state_dict`` does for a module.
 
         It contains the model, optimizer, scheduler and gradient scaler states, the RNG
-        states, the position (epoch, batch, global step), the loss monitor and the
-        telemetry sequence numbers; everything loads with ``torch.load(weights_only=True)``.
+        states, the position (epoch, batch, global step), the loss monitor, the
+        emergency state, the controller's state when it has one, and the telemetry
+        sequence numbers. Everything loads with ``torch.load(weights_only=True)``.
         Tensors are shared with the live objects: copy the result to keep it.
         """
-        return capture_state(self.objects, self.position, {"telemetry": self.telemetry.state_dict()})
+        return capture_state(self.objects, self.position, self._shell_state())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state from ``state_dict`` in place; the next ``fit`` continues from it.
@@ -249,9 +268,7 @@ class Trainer:
         """
         extra = restore_state(self.objects, state)
         self.position = apply_extra(self.objects, extra)
-        telemetry_state = extra.get("telemetry")
-        if telemetry_state:
-            self.telemetry.load_state_dict(telemetry_state)
+        self._load_shell_state(extra)
 
     @property
     def global_step(self) -> int:
@@ -291,12 +308,7 @@ class Trainer:
         if self.checkpoints is None:
             raise ValueError("resume_from needs TrainerConfig.out_dir, where the resumed run writes its checkpoints")
         position, extra = self.checkpoints.resume(source)
-        load_controller = getattr(self._tamiyo, "load_state_dict", None)
-        if "tamiyo" in extra and callable(load_controller):
-            load_controller(extra["tamiyo"])
-        telemetry_state = extra.get("telemetry")
-        if telemetry_state:
-            self.telemetry.load_state_dict(telemetry_state)
+        self._load_shell_state(extra)
         self.telemetry.event("tolaria.run.resumed", Level.INFO, source=str(source), **position.to_extra())
         return position
 

@@ -48,6 +48,8 @@ __all__ = [
     "initial",
     "level_for_count",
     "reset",
+    "state_from_mapping",
+    "state_to_mapping",
 ]
 
 
@@ -263,3 +265,37 @@ def evaluate(
     if signals.healthy:
         return _on_healthy_step(state, signals.step, policy, time_s)
     return _on_unhealthy_step(state, signals, policy, time_s)
+
+
+_COUNTS = ("since_step", "escalations", "healthy_steps", "nonfinite_count", "spike_count", "timeout_count")
+
+
+def state_to_mapping(state: EmergencyState, *, now: float) -> dict[str, Any]:
+    """Return ``state`` as plain ints, floats and strings, for weights-only checkpoints.
+
+    ``since_s`` is a monotonic time, which means nothing in another process, so the
+    mapping stores the level's age ``now - since_s`` in seconds instead.
+    """
+    data: dict[str, Any] = {name: int(getattr(state, name)) for name in _COUNTS}
+    data["rollback_failure_count"] = int(state.rollback_failure_count)
+    data["level"] = int(state.level)
+    data["reason"] = str(state.reason)
+    data["age_s"] = max(0.0, _check_now(now) - state.since_s)
+    return data
+
+
+def state_from_mapping(data: Any, *, now: float) -> EmergencyState:
+    """Rebuild a state saved by ``state_to_mapping``, its level entered ``age_s`` before ``now``.
+
+    Raises:
+        ValueError: a field is missing or invalid; the message names it.
+    """
+    try:
+        counts = {name: _check_step(data[name], name) for name in (*_COUNTS, "rollback_failure_count")}
+        level = as_level(data["level"])
+        reason = str(data["reason"])
+        age_s = float(data["age_s"])
+    except KeyError as error:
+        raise ValueError(f"emergency state mapping is missing the field {error.args[0]!r}") from error
+    return EmergencyState(level=level, reason=reason, since_s=_check_now(now) - age_s, **counts)
+
