@@ -33,7 +33,7 @@ from tolaria.config import TrainerConfig
 from tolaria.control import KasminaClient, TamiyoClient
 from tolaria.devices import resolve_device, seed_everything
 from tolaria.distributed import DistributedContext, rank_path
-from tolaria.distributed.step_hooks import rank_sum
+from tolaria.distributed.step_hooks import rank_sum, shared_run_id
 from tolaria.epoch import Accuracy
 from tolaria.epoch_telemetry import publish_epoch
 from tolaria.loop import LoopResult, StepRecord, TrainingLoop, evaluate_with, monitor_extra
@@ -115,7 +115,10 @@ class Trainer:
         self.callbacks = tuple(callbacks)
         self._owns_telemetry = telemetry is None
         self.telemetry = telemetry or Telemetry(
-            source="trainer", rank=self.context.rank, attributes={"world_size": self.context.world_size}
+            source="trainer",
+            rank=self.context.rank,
+            run_id=shared_run_id(self.context),
+            attributes={"world_size": self.context.world_size},
         )
         self._owns_worker = worker is None
         self.worker = worker or AsyncWorker(name="tolaria-trainer", telemetry=self.telemetry)

@@ -341,11 +341,15 @@ def test_torchrun_demo(tmp_path: Path) -> None:
     assert summary["epochs"] == 2
     assert summary["halted"] is False
     assert not (run_dir / "summary.rank1.json").exists()
+    run_ids = set()
     for name, rank in (("telemetry.jsonl", 0), ("telemetry.rank1.jsonl", 1)):
         packets = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
         assert {packet["rank"] for packet in packets} == {rank}
         assert {packet["attributes"]["world_size"] for packet in packets} == {2}
         assert packets[-1]["step"] == summary["global_step"]
+        run_ids |= {packet["run_id"] for packet in packets}
+    # Rank 0 draws the run id and broadcasts it, so both files name the same run.
+    assert len(run_ids) == 1
 
 
 # Backend detection

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import torch
 
+from tolaria.distributed.agreement import broadcast_command
 from tolaria.distributed.context import DistributedContext
+from tolaria.distributed.coordination import is_main_process
 from tolaria.distributed.errors import collective_guard
 
-__all__ = ["agreed_flags", "rank_sum"]
+__all__ = ["agreed_flags", "rank_sum", "shared_run_id"]
 
 
 def rank_sum(context: DistributedContext) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,3 +42,16 @@ def agreed_flags(context: DistributedContext) -> Callable[[torch.Tensor], list[f
         return values
 
     return agree
+
+
+def shared_run_id(context: DistributedContext) -> str | None:
+    """Return rank 0's new run id on every rank, so all ranks' telemetry files share it.
+
+    Returns ``None`` outside distributed training, where the publisher draws its own.
+    """
+    if not context.is_distributed:
+        return None
+    run_id = uuid.uuid4().hex[:12] if is_main_process(context) else None
+    shared: str = broadcast_command(run_id, context)
+    return shared
+
