@@ -166,6 +166,7 @@ class StepRunner:
         self.stats_every = stats_every
         self._coefficients: torch.Tensor | None = None
         self._coefficient_values: list[float] = []
+        self._rescale: dict[str, float] | None = None
         self._loss_monitor_config = loss_monitor or anomaly.LossMonitorConfig()
         self.monitor_state: anomaly.LossMonitorState | None = None
         self._agree_flags = agree_flags or _read_flags
@@ -295,20 +296,35 @@ class StepRunner:
         gradient unchanged, as on the per-objective path.
         """
         coefficients = self._coefficients
-        usage = self._usage
-        if coefficients is None or usage is None:
-            raise RuntimeError("the summed-gradient path needs the coefficients and parameter usage")
-        total = (losses * coefficients.to(losses.device, losses.dtype)).sum()
+        if coefficients is None:
+            raise RuntimeError("the summed-gradient path needs the linear aggregator's coefficients")
+        if coefficients.device != losses.device or coefficients.dtype != losses.dtype:
+            coefficients = self._coefficients = coefficients.to(losses.device, losses.dtype)
+        total = (losses * coefficients).sum()
         parameters = [parameter for _, parameter in self._named]
         grads = torch.autograd.grad(total, parameters, allow_unused=True)
+        rescale = self._exclusive_rescale()
         combined: dict[str, torch.Tensor | None] = {}
         for (name, _), grad in zip(self._named, grads, strict=True):
-            users = [index for index, used in enumerate(usage[name]) if used]
-            exclusive = grad is not None and len(users) == 1
-            combined[name] = grad / self._coefficient_values[users[0]] if exclusive else grad
+            divisor = rescale.get(name)
+            combined[name] = grad / divisor if grad is not None and divisor is not None else grad
         if self._average_gradients is not None:
             combined = self._average_gradients({"combined": combined}, global_step)["combined"]
         return combined
+
+    def _exclusive_rescale(self) -> dict[str, float]:
+        """Return the divisor ``c_k`` of each parameter used only by objective ``k``, when ``c_k != 1``.
+
+        Computed once, because parameter usage and coefficients do not change after the first step.
+        """
+        if self._rescale is None:
+            usage = self._usage or {}
+            self._rescale = {}
+            for name, used in usage.items():
+                users = [index for index, flag in enumerate(used) if flag]
+                if len(users) == 1 and self._coefficient_values[users[0]] != 1.0:
+                    self._rescale[name] = self._coefficient_values[users[0]]
+        return self._rescale
 
     def _gradients(
         self, losses: torch.Tensor
