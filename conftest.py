@@ -50,8 +50,8 @@ def dtype() -> torch.dtype:
 
 # Catalog coverage: every metric and event name in tolaria.telemetry.catalog must be
 # emitted by some test. Names are recorded from every in-process Telemetry call and
-# from the JSONL files that subprocesses write under pytest's temporary folder; the
-# check runs when the whole default suite ran and passed.
+# from the JSONL files that subprocesses write under pytest's temporary folder. The
+# check runs only when the whole default suite ran and passed.
 
 _EMITTED_NAMES: set[str] = set()
 

@@ -30,14 +30,14 @@ def make_keeper(tmp_path: Path, telemetry: Telemetry) -> CheckpointKeeper:
     return CheckpointKeeper(CheckpointConfig(), tmp_path, objects, DistributedContext(), telemetry)
 
 
-def test_per_rank_values_of_same_world_size_pass_through(tmp_path: Path) -> None:
+def test_per_rank_values_same_world_size(tmp_path: Path) -> None:
     keeper = make_keeper(tmp_path, Telemetry())
     extra = keeper._local_extra({"epoch": 1, "per_rank": [{"telemetry": {"sequence": 7}}]})
     assert extra["telemetry"] == {"sequence": 7}
     assert extra["epoch"] == 1
 
 
-def test_resume_with_other_world_size_takes_rank_zero_and_warns(tmp_path: Path) -> None:
+def test_other_world_size_takes_rank_zero(tmp_path: Path) -> None:
     sink = InMemorySink()
     telemetry = Telemetry([sink])
     keeper = make_keeper(tmp_path, telemetry)

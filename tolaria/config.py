@@ -111,8 +111,8 @@ class TrainerConfig:
             an operation has no batching rule).
         stats_every: with the linear aggregators (``sum``, ``mean``, ``weighted``),
             compute per-objective gradients and the aggregation statistics every this
-            many steps, and take one backward of the weighted loss sum on the others;
-            both give the same update. ``1`` computes statistics on every step.
+            many steps. The other steps take one backward of the weighted loss sum,
+            which gives the same update. ``1`` computes statistics on every step.
             PCGrad always computes per-objective gradients.
         out_dir: folder for telemetry and checkpoints; created when ``fit`` starts.
         progress: show a progress bar on standard error.

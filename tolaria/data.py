@@ -30,9 +30,9 @@ class EpochBatches:
         rank: index of this process among ``world_size``.
         world_size: number of processes sharing the data. Every rank walks the same
             permutation in global batches of ``batch_size`` samples and takes the
-            ``rank``-th of ``world_size`` contiguous shards of each, so averaging the
-            ranks' gradients of mean losses reproduces a one-process step on the same
-            global batch when the shards are equal in size. A final global batch with
+            ``rank``-th of ``world_size`` contiguous shards of each. When the shards are
+            equal in size, averaging the ranks' gradients of mean losses therefore
+            reproduces a one-process step on the same global batch. A final global batch with
             fewer than ``world_size`` samples is dropped so that no rank gets an empty
             shard.
 

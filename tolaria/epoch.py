@@ -66,7 +66,7 @@ class EpochAccumulator:
         """Turn this rank's sums into sums over all ranks, in one collective.
 
         Each rank's losses are means over its shard of the global batch, so the global
-        mean is the average of the ranks' means; samples add up. Applied and skipped
+        mean is the average of the ranks' means. Samples add up. Applied and skipped
         steps are already equal on every rank because skip decisions are agreed.
         """
         packed = torch.cat(

@@ -100,9 +100,10 @@ class TrainingLoop:
         guard: snapshots, emergency evaluation and rollback; ``None`` disables them.
         telemetry: where events go.
         validate: returns ``(val_loss, val_accuracy)`` at each epoch end.
-        at_epoch_end: called with each epoch's metrics (control loop, telemetry packet,
-            callbacks and checkpoint; see ``Trainer``); it returns a reason to halt,
-            for example when controller timeouts raised the level to HALT, or ``None``.
+        at_epoch_end: called with each epoch's metrics to run the control loop, the
+            telemetry packet, the callbacks and the checkpoint (see ``Trainer``). It
+            returns a reason to halt, for example when controller timeouts raised the
+            level to HALT, or ``None``.
         step_callbacks: called after every executed step.
         checkpoint_steps: called with the position after a step when
             ``checkpoint.every_steps`` says so; ``None`` disables.

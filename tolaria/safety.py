@@ -13,8 +13,8 @@ does next:
 * HALT: stop training.
 
 Snapshots are taken before a step runs, so a snapshot at step ``s`` is the state in
-which step ``s`` has not happened yet; its ``extra`` holds the data position and the
-loss monitor state.
+which step ``s`` has not happened yet. Its ``extra`` contains the data position and
+the loss monitor state.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Position:
-    """Where the loop stands: the next batch to run.
+    """The loop's position: the next batch to run.
 
     Attributes:
         epoch: 0-based epoch index.
@@ -71,10 +71,10 @@ class Position:
 
 @dataclasses.dataclass(frozen=True)
 class SafetyDecision:
-    """What the loop does after a step.
+    """The loop's next action after a step.
 
     Attributes:
-        halt: stop training; ``reason`` says why.
+        halt: stop training; ``reason`` gives the cause.
         resume_at: after a rollback, the position to continue from; ``None`` otherwise.
         restored_extra: the values saved with the restored snapshot (loss monitor state).
         reason: why training halted or rolled back.
@@ -99,9 +99,9 @@ class SafetyGuard:
         telemetry: where events and counters go.
         capture_extra: returns the values saved with each snapshot besides the
             position (for example the loss monitor state).
-        context: under ``torch.distributed``, ranks agree on the rollback target (the
-            newest step every rank has a snapshot for) and on its success; a rollback
-            that fails on any rank counts as failed on every rank.
+        context: under ``torch.distributed``, ranks agree on the rollback target, the
+            newest step every rank has a snapshot for. They also agree on its success,
+            so a rollback that fails on any rank counts as failed on every rank.
     """
 
     def __init__(
@@ -236,7 +236,7 @@ class SafetyGuard:
             return trouble
         available = [step for step in self.rollback.cached_steps if step <= trouble]
         agreed = agree_rollback_step(available, self._context, step=global_step)
-        # With no common snapshot every rank asks for `trouble`, which the full tier may serve.
+        # With no common snapshot every rank requests `trouble`, which the full tier may serve.
         return trouble if agreed is None else agreed
 
     def _report_spike(self, outcome: StepOutcome, position: Position) -> None:

@@ -11,8 +11,8 @@ Order of work in ``StepRunner.run``:
    objective's gradient;
 4. update the loss monitor (``tolaria.functional.anomaly``), decide on the device
    whether losses and gradients are finite, and read those flags on the host in one
-   transfer (the only host synchronisation of the step; under ``torch.distributed``
-   the flags are agreed across ranks by one all-reduce first);
+   transfer. This is the step's only host synchronisation. Under
+   ``torch.distributed`` one all-reduce first agrees the flags across ranks;
 5. when finite, write ``.grad``, clip, and step the optimizer (through the
    ``GradScaler`` under fp16); when not, leave parameters and optimizer state
    untouched and report the step as skipped.
@@ -127,9 +127,9 @@ class StepRunner:
             training passes the cross-rank mean.
         stats_every: for the linear aggregators (``sum``, ``mean``, ``weighted``),
             compute per-objective gradients and aggregation statistics only on steps
-            that are multiples of this; the other steps take one backward of the
-            weighted loss sum, which gives the same combined gradient for a
-            fraction of the cost. PCGrad always uses per-objective gradients.
+            that are multiples of this. The other steps take one backward of the
+            weighted loss sum, which gives the same combined gradient for a fraction
+            of the cost. PCGrad always uses per-objective gradients.
     """
 
     def __init__(

@@ -107,12 +107,15 @@ class Trainer:
         self._owns_context = distributed is None
         self.context = distributed or DistributedContext.from_environment(device=resolve_device(self.config.device))
         self.device = self.context.device if self.context.is_distributed else resolve_device(self.config.device)
+
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.train_data = train_data
         self.val_data = val_data
         self.lr_scheduler = lr_scheduler
         self.callbacks = tuple(callbacks)
+
+        # Shared services: telemetry first, because the worker reports to it.
         self._owns_telemetry = telemetry is None
         self.telemetry = telemetry or Telemetry(
             source="trainer",
@@ -122,6 +125,8 @@ class Trainer:
         )
         self._owns_worker = worker is None
         self.worker = worker or AsyncWorker(name="tolaria-trainer", telemetry=self.telemetry)
+
+        # Components, each with one job.
         self.precision = MixedPrecision(self.config.amp, self.device)
         self.runner = build_runner(
             self.config,
@@ -154,6 +159,7 @@ class Trainer:
             guard=self.guard,
             telemetry=self.telemetry,
         )
+
         self.objects = self._build_objects()
         self.checkpoints = self._build_checkpoints()
         self._validate = evaluate_with(self.runner, val_data, accuracy)

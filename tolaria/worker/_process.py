@@ -107,7 +107,7 @@ class ProcessPool:
         self._idle: collections.deque[_Child] = collections.deque()
         self._starting = 0
         self._reapers: set[threading.Thread] = set()
-        # Guards _reapers so that close() never sees a reaper added but not yet started.
+        # Guards _reapers so that close() never joins a reaper added but not yet started.
         self._reapers_lock = threading.Lock()
         self._closed = False
 
