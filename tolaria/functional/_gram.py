@@ -23,6 +23,7 @@ is mapped back exactly by ``2**-e[k]``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -40,10 +41,26 @@ __all__ = [
     "from_columns",
     "from_stacked",
     "gram_matrix",
+    "host_gram",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 """Leaf dtypes that are always rescaled and combined in float32."""
+
+WIDE_BLOCK_NUMEL = 32768
+"""CPU blocks at least this wide get their Gram entries from matrix-vector products (see ``host_gram``)."""
+
+TRIANGLE_MAX_OBJECTIVES = 3
+"""Above this many objectives ``torch.mm`` beats ``n`` matrix-vector products for the Gram matrix."""
+
+GRAM_CHUNK_NUMEL = 1 << 18
+"""Column chunk of the products in ``host_gram``, which bounds their rounding error."""
+
+SHARED_BUFFER_NUMEL = 1 << 18
+"""From this many elements per objective, plain eager results share one buffer per group (see ``combine_rows``)."""
+
+SHARED_BUFFER_MAX_BYTES = 16 << 20
+"""Largest shared result buffer, half of glibc's 32 MiB cap on reusing freed memory (see ``combine_rows``)."""
 
 SMALL_LEAF_NUMEL = 4096
 """Stacked leaves with fewer elements per objective are copied into a shared block rather than used in place."""
@@ -185,39 +202,60 @@ def from_stacked(leaves: Sequence[Tensor | None], count: int, *, rescale: bool) 
     copied into one block, which keeps the number of matrix products low for models
     with many biases and norm scales. Rescaling copies each group into one block.
     """
-    metas = [None if leaf is None else (leaf.shape[1:], leaf.dtype, leaf.device) for leaf in leaves]
-    groups = _group(metas)
-    copy_all = rescale or any(members[0][1][1] in HALF_DTYPES for members in groups)
-    blocks: list[Block] = []
-    for members in groups:
-        blocks.extend(_stacked_blocks(leaves, members, count, copy_all=copy_all))
-    return _finish(blocks, count, len(leaves), rescale)
-
-
-def _stacked_blocks(
-    leaves: Sequence[Tensor | None], members: list[tuple[int, LeafMeta]], count: int, *, copy_all: bool
-) -> list[Block]:
-    """Return one group's blocks: a view per large leaf, and one copied block for the small ones."""
+    metas = tuple(None if leaf is None else (leaf.shape[1:], leaf.dtype, leaf.device) for leaf in leaves)
+    layout = _stacked_layout(metas, rescale)
     blocks = []
-    small = []
-    for position, meta in members:
-        shape, dtype, device = meta
-        if copy_all or shape.numel() < SMALL_LEAF_NUMEL:
-            small.append((position, meta))
-            continue
-        rows = _stacked_rows(leaves[position], count, shape.numel())
-        blocks.append(Block(rows, (LeafSlot(position, 0, shape, dtype, device),)))
-    if small:
-        slots = _slots(small)
-        parts = [_stacked_rows(leaves[slot.position], count, slot.numel) for slot in slots]
-        blocks.append(Block(torch.cat(parts, dim=1), slots))
-    return blocks
+    for slots in layout.blocks:
+        if len(slots) == 1 and not layout.copy_all and slots[0].numel >= SMALL_LEAF_NUMEL:
+            rows = _stacked_rows(leaves[slots[0].position], count, slots[0].numel)
+        else:
+            rows = torch.cat([_stacked_rows(leaves[slot.position], count, slot.numel) for slot in slots], dim=1)
+        blocks.append(Block(rows, slots))
+    if layout.copy_all:
+        return _finish(blocks, count, len(leaves), rescale)
+    return GradientMatrix(
+        tuple(blocks), count, len(leaves), layout.numel, layout.home, layout.gram_dtype, None, *layout.limits
+    )
+
+
+class _Layout(NamedTuple):
+    """Where each leaf of a stacked tree goes, which depends only on the leaves' metadata."""
+
+    blocks: tuple[tuple[LeafSlot, ...], ...]
+    """The slots of each block; a block of one large leaf is that leaf's view, the others are copies."""
+    copy_all: bool
+    numel: int
+    home: torch.device
+    gram_dtype: torch.dtype
+    limits: tuple[float, float]
+    """``(underflow_floor, overflow_ceiling)`` of an unrescaled Gram matrix."""
+
+
+@functools.lru_cache(maxsize=256)
+def _stacked_layout(metas: tuple[LeafMeta | None, ...], rescale: bool) -> _Layout:
+    """Return the block layout of stacked leaves with these metadata (cached: training repeats one structure)."""
+    groups = _group(metas)
+    dtypes = {members[0][1][1] for members in groups}
+    copy_all = rescale or any(dtype in HALF_DTYPES for dtype in dtypes)
+    blocks: list[tuple[LeafSlot, ...]] = []
+    for members in groups:
+        small = []
+        for position, (shape, dtype, device) in members:
+            if copy_all or shape.numel() < SMALL_LEAF_NUMEL:
+                small.append((position, (shape, dtype, device)))
+            else:
+                blocks.append((LeafSlot(position, 0, shape, dtype, device),))
+        if small:
+            blocks.append(_slots(small))
+    numel = sum(_width(slots) for slots in blocks)
+    gram_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    return _Layout(tuple(blocks), copy_all, numel, blocks[0][0].device, gram_dtype, _range_limits(dtypes, numel))
 
 
 def _stacked_rows(leaf: Tensor | None, count: int, numel: int) -> Tensor:
     if leaf is None:  # never: blocks are made for tensor leaves only
         raise AssertionError("a block was requested for a None leaf")
-    return leaf.reshape(count, numel)
+    return leaf if leaf.dim() == 2 else leaf.reshape(count, numel)
 
 
 def _scale_exponents(blocks: list[Block], count: int, home: torch.device, dtype: torch.dtype) -> Tensor:
@@ -255,9 +293,13 @@ def _scale_block(block: Block, exponents: Tensor, dtype: torch.dtype) -> Block:
 
 def gram_matrix(matrix: GradientMatrix) -> Tensor:
     """Return the Gram matrix ``M @ M.T`` ([n, n], ``gram_dtype``, on ``home``) of the stored rows."""
+    return _sum_of_products([block.matrix for block in matrix.blocks], matrix)
+
+
+def _sum_of_products(parts: Sequence[Tensor], matrix: GradientMatrix) -> Tensor:
+    """Return ``sum_p P @ P.T`` over column blocks ``P`` ([n, n], ``gram_dtype``, on ``home``)."""
     total: Tensor | None = None
-    for block in matrix.blocks:
-        rows = block.matrix
+    for rows in parts:
         if total is not None and rows.device == total.device and rows.dtype == total.dtype:
             total = torch.addmm(total, rows, rows.T)  # accumulate in place of a separate add
             continue
@@ -270,22 +312,144 @@ def gram_matrix(matrix: GradientMatrix) -> Tensor:
     return total
 
 
-def combine_rows(matrix: GradientMatrix, coefficients: Tensor) -> list[Tensor | None]:
+def host_gram(matrix: GradientMatrix) -> list[list[float]]:
+    """Return the Gram matrix ``M @ M.T`` as ``n`` rows of ``n`` Python floats.
+
+    For the host solver: the blocks are plain tensors in eager mode, and reading a
+    CPU result costs no device synchronisation.
+
+    Blocks wider than ``GRAM_CHUNK_NUMEL`` are cut into column chunks of that width.
+    BLAS products of such thin shapes accumulate almost sequentially in the rows'
+    dtype, so in float32 their relative error grows with the length (measured with
+    torch 2.13: 2.4e-5 for ``torch.mm`` at 1e6 elements and 2.6e-4 at 5e6); a chunk
+    keeps it near 1e-5 whatever the width, and so does summing the chunks.
+
+    With at most ``TRIANGLE_MAX_OBJECTIVES`` objectives, a CPU chunk at least
+    ``WIDE_BLOCK_NUMEL`` columns wide is done as ``n`` matrix-vector products, row
+    ``i`` giving the entries ``G[i, :i + 1]``, read back and summed in float64. For such
+    shapes ``torch.mm`` runs well below memory bandwidth on the CPU (about twice
+    slower than the products for ``n = 2``), so streaming the rows ``n`` times is
+    cheaper. The other chunks are accumulated with ``addmm`` and read back once.
+    """
+    count = matrix.objectives
+    total = [[0.0] * count for _ in range(count)]
+    rest = []
+    for block in matrix.blocks:
+        rows = block.matrix
+        width = rows.shape[1]
+        chunks = [rows] if width <= GRAM_CHUNK_NUMEL else rows.split_with_sizes(_chunk_sizes(width), dim=1)
+        for chunk in chunks:
+            if count <= TRIANGLE_MAX_OBJECTIVES and chunk.shape[1] >= WIDE_BLOCK_NUMEL and chunk.device.type == "cpu":
+                _add_triangle(total, chunk)
+            else:
+                rest.append(chunk)
+    if rest:
+        # The upper triangle is mirrored: torch.mm does not promise bitwise-equal G[i, k] and G[k, i].
+        for i, row in enumerate(_sum_of_products(rest, matrix).tolist()):
+            for k in range(i, count):
+                total[i][k] += row[k]
+                if k != i:
+                    total[k][i] += row[k]
+    return total
+
+
+def _chunk_sizes(width: int) -> list[int]:
+    full, tail = divmod(width, GRAM_CHUNK_NUMEL)
+    return [GRAM_CHUNK_NUMEL] * full + ([tail] if tail else [])
+
+
+def _add_triangle(total: list[list[float]], rows: Tensor) -> None:
+    """Add ``rows @ rows.T`` to ``total``, one matrix-vector product per row."""
+    last = rows.shape[0] - 1
+    for i, vector in enumerate(rows.unbind(0)):
+        if i == 0:
+            total[0][0] += torch.dot(vector, vector).item()
+            continue
+        upper = rows if i == last else rows[: i + 1]
+        for k, value in enumerate(torch.mv(upper, vector).tolist()):
+            total[i][k] += value
+            if k != i:
+                total[k][i] += value
+
+
+def combine_rows(matrix: GradientMatrix, coefficients: Tensor, *, plain: bool = False) -> list[Tensor | None]:
     """Return the leaves of ``coefficients @ M`` for coefficients ``[n]`` on the stored (possibly scaled) rows.
 
     Each block is combined in its own dtype and on its own device; each leaf gets back
     its shape and dtype. Leaves that are ``None`` in every objective stay ``None``.
-    Leaves with their block's dtype are views into one result vector per block.
+    Leaves with their block's dtype are views into one result vector per block or,
+    with ``plain=True`` and at least ``SHARED_BUFFER_NUMEL`` elements per objective,
+    per (device, dtype) group. Below that size the ``out=`` products cost more in
+    dispatch than the shared allocation saves.
+
+    Args:
+        matrix: the gradient matrix.
+        coefficients: ``[n]``, any floating dtype.
+        plain: the caller checked that the blocks and ``coefficients`` are plain eager
+            tensors without autograd history (what ``_host_solver.eligible`` checks),
+            so the products may write into preallocated buffers with ``out=``.
     """
+    if plain and len(matrix.blocks) > 1 and matrix.numel >= SHARED_BUFFER_NUMEL:
+        return _combine_into_buffers(matrix, coefficients)
     leaves: list[Tensor | None] = [None] * matrix.leaf_count
     local = coefficients
     for block in matrix.blocks:
         rows = block.matrix
         if local.device != rows.device or local.dtype != rows.dtype:
             local = coefficients.to(rows.device, rows.dtype)
-        flat = local @ rows
-        for slot in block.slots:
-            leaf = flat if len(block.slots) == 1 else flat.narrow(0, slot.offset, slot.numel)
-            leaf = leaf.view(slot.shape)
-            leaves[slot.position] = leaf if leaf.dtype == slot.dtype else leaf.to(slot.dtype)
+        _place(leaves, block, local @ rows)
     return leaves
+
+
+def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[Tensor | None]:
+    """Combine the blocks of each (device, dtype) group into a few shared, freshly allocated vectors.
+
+    Few large allocations, instead of one per block, matter on the CPU with glibc: a
+    freed multi-megabyte result can be handed back to the operating system, and the
+    next call then pays a page fault per 4 KiB page, which costs more than the matrix
+    product itself (measured with torch 2.13). glibc serves requests of up to 32 MiB
+    from reused memory once it has seen such sizes, but always maps larger ones
+    afresh, so a shared buffer holds at most ``SHARED_BUFFER_MAX_BYTES``; a block
+    larger than that gets its own.
+
+    The blocks are combined last first: ``host_gram`` read them first to last, so the
+    last ones are the likeliest to still be in the CPU caches.
+    """
+    groups: dict[_GroupKey, list[Block]] = {}
+    for block in matrix.blocks:
+        groups.setdefault((block.matrix.device, block.matrix.dtype), []).append(block)
+
+    leaves: list[Tensor | None] = [None] * matrix.leaf_count
+    for (device, dtype), blocks in groups.items():
+        vector = coefficients.to(device, dtype)
+        for run in _buffer_runs(blocks, dtype.itemsize):
+            widths = [block.matrix.shape[1] for block in run]
+            outputs = torch.empty(sum(widths), dtype=dtype, device=device).split_with_sizes(widths)
+            for block, flat in zip(reversed(run), reversed(outputs), strict=True):
+                torch.mv(block.matrix.T, vector, out=flat)
+                _place(leaves, block, flat)
+    return leaves
+
+
+def _buffer_runs(blocks: list[Block], itemsize: int) -> list[list[Block]]:
+    """Cut ``blocks`` into consecutive runs whose results fit in ``SHARED_BUFFER_MAX_BYTES`` (or one block each)."""
+    runs: list[list[Block]] = []
+    room = 0
+    for block in blocks:
+        size = block.matrix.shape[1] * itemsize
+        if runs and size <= room:
+            runs[-1].append(block)
+            room -= size
+        else:
+            runs.append([block])
+            room = SHARED_BUFFER_MAX_BYTES - size
+    return runs
+
+
+def _place(leaves: list[Tensor | None], block: Block, flat: Tensor) -> None:
+    """Split one block's combined vector ``flat`` into its leaves, with their shapes and dtypes."""
+    for slot in block.slots:
+        leaf = flat if len(block.slots) == 1 else flat.narrow(0, slot.offset, slot.numel)
+        if leaf.shape != slot.shape:
+            leaf = leaf.view(slot.shape)
+        leaves[slot.position] = leaf if leaf.dtype == slot.dtype else leaf.to(slot.dtype)

@@ -10,13 +10,13 @@ quantities with tensor operations; ``eligible`` chooses between the two.
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch._C import _functorch
 
-from tolaria.functional._checks import can_read_values
 from tolaria.functional._gram import GradientMatrix
 from tolaria.functional._types import AggregationStats, Solution
 
@@ -27,17 +27,24 @@ MAX_OBJECTIVES = 16
 
 Matrix = list[list[float]]
 
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
+"""``array.array`` type codes of the Gram matrix dtypes."""
 
-def eligible(raw: Tensor) -> bool:
-    """Return whether the Gram matrix ``raw`` can be solved here.
 
-    That needs a CPU tensor without autograd history (the result would lose its
-    graph), outside ``torch.compile`` and ``torch.func`` transforms, and at most
-    ``MAX_OBJECTIVES`` objectives.
+def eligible(matrix: GradientMatrix) -> bool:
+    """Return whether the ``[n, n]`` step for ``matrix`` can run here, on a Gram matrix of Python floats.
+
+    That needs a Gram matrix on the CPU, plain tensors in eager mode (outside
+    ``torch.compile`` and ``torch.func`` transforms), no autograd history to keep,
+    and at most ``MAX_OBJECTIVES`` objectives.
     """
-    return (
-        raw.device.type == "cpu" and raw.shape[0] <= MAX_OBJECTIVES and not raw.requires_grad and can_read_values(raw)
-    )
+    if matrix.home.type != "cpu" or matrix.objectives > MAX_OBJECTIVES or torch.compiler.is_compiling():
+        return False
+    recording = torch.is_grad_enabled()
+    for block in matrix.blocks:
+        if (recording and block.matrix.requires_grad) or _functorch.is_functorch_wrapped_tensor(block.matrix):
+            return False
+    return True
 
 
 def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool]:
@@ -124,23 +131,25 @@ def _solution(
     conflicts = sum(1 for i, row in enumerate(clean) for value in row[i + 1 :] if value < 0)
     ratio = conflicts / max(count * (count - 1) // 2, 1)  # 0 when n <= 1: no pairs, no conflicts
 
-    # One tensor contains every float and the statistics are views of it: one copy instead of five.
-    packed = torch.tensor([*_cosine(clean), *norms, *weights, *row_weights, ratio], dtype=matrix.gram_dtype)
+    # One tensor holds every float and the statistics are views of it: one copy instead of five.
+    # torch.frombuffer over an array.array skips the per-element type inference of torch.tensor.
+    values = array.array(_ARRAY_CODES[matrix.gram_dtype], [ratio, *_cosine(clean), *norms, *weights, *row_weights])
+    packed = torch.frombuffer(values, dtype=matrix.gram_dtype)
     square = count * count
+    ratio_view, cosine, norm_view, weight_view, row_view = packed.split_with_sizes([1, square, count, count, count])
     stats = AggregationStats(
-        conflicts=torch.tensor(conflicts, dtype=torch.int64),
-        conflict_ratio=packed[-1],
-        cosine=packed[:square].view(count, count),
-        norms=packed[square : square + count],
-        weights=packed[square + count : square + 2 * count],
-        precision_loss=torch.tensor(loss),
+        conflicts=torch.scalar_tensor(conflicts, dtype=torch.int64),
+        conflict_ratio=ratio_view.view(()),
+        cosine=cosine.view(count, count),
+        norms=norm_view,
+        weights=weight_view,
+        precision_loss=torch.scalar_tensor(loss, dtype=torch.bool),
     )
-    return Solution(packed[square + 2 * count : square + 3 * count], stats)
+    return Solution(row_view, stats, on_host=True)
 
 
-def solve_weighted(matrix: GradientMatrix, raw: Tensor, weights: Sequence[float]) -> Solution:
-    """Combine the objectives with fixed ``weights`` (``n`` floats)."""
-    gram: Matrix = raw.tolist()
+def solve_weighted(matrix: GradientMatrix, gram: Matrix, weights: Sequence[float]) -> Solution:
+    """Combine the objectives with fixed ``weights`` (``n`` floats); ``gram`` is from ``_gram.host_gram``."""
     clean, loss = _check_precision(matrix, gram)
     scales = _scales(matrix)
     row_weights = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
@@ -148,10 +157,9 @@ def solve_weighted(matrix: GradientMatrix, raw: Tensor, weights: Sequence[float]
 
 
 def solve_pcgrad(
-    matrix: GradientMatrix, raw: Tensor, orders: Sequence[Sequence[int]], *, eps: float, mean: bool
+    matrix: GradientMatrix, gram: Matrix, orders: Sequence[Sequence[int]], *, eps: float, mean: bool
 ) -> Solution:
-    """Combine the objectives with PCGrad; ``orders`` (``n`` rows of ``n - 1`` ints) was checked."""
-    gram: Matrix = raw.tolist()
+    """Combine the objectives with PCGrad; ``gram`` is from ``_gram.host_gram`` and ``orders`` was checked."""
     clean, loss = _check_precision(matrix, gram)
     coefficients = _project_coefficients(clean, orders, _projection_targets(matrix, clean, eps))
 

@@ -16,7 +16,10 @@ def draw_orders(count: int, seed: int) -> list[list[int]]:
     """Return the orders of ``pcgrad_orders`` as ``n`` lists of ``n - 1`` ints."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count={count!r} is invalid; expected the number of objectives, an int >= 1")
-    generator = random.Random(check_seed(seed))
+    seed = check_seed(seed)
+    if count <= 2:  # a permutation of at most one objective: nothing to draw
+        return [[other for other in range(count) if other != objective] for objective in range(count)]
+    generator = random.Random(seed)
     orders = []
     for objective in range(count):
         # Sorting n - 1 independent uniform draws gives a uniformly random permutation; two

@@ -15,7 +15,7 @@ no device synchronisation and runs unchanged under ``torch.vmap`` and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import optree
 import torch
@@ -216,6 +216,25 @@ def flatten_stacked(tree: PyTree) -> StackedLeaves:
         TypeError: a leaf is neither ``None`` nor a floating-point tensor.
         ValueError: a leaf is 0-d, the leaves disagree on ``n``, or no leaf is a tensor.
     """
+    # The key paths are only needed for error messages, so the common, valid case flattens without them.
+    leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True, namespace=NAMESPACE)
+    counts = set()
+    for leaf in leaves:
+        if leaf is None:
+            continue
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point() or leaf.dim() == 0:
+            _raise_invalid_stacked(tree)
+        counts.add(leaf.shape[0])
+    if len(counts) != 1:
+        _raise_invalid_stacked(tree)
+    count = counts.pop()
+    if count == 0:
+        raise ValueError("no gradients to aggregate: the stacked gradient's leading objective axis has length 0")
+    return StackedLeaves(treespec, leaves, count)
+
+
+def _raise_invalid_stacked(tree: PyTree) -> NoReturn:
+    """Raise the error that describes the first invalid leaf of a stacked tree, with its key path."""
     paths, leaves, treespec = _flatten_with_paths(tree)
     count: int | None = None
     count_path: Sequence[Any] = ()
@@ -235,14 +254,10 @@ def flatten_stacked(tree: PyTree) -> StackedLeaves:
                 f"the stacked gradient has {leaf.shape[0]} objectives at key path {format_key_path(path)} but "
                 f"{count} at {format_key_path(count_path)}; every leaf's leading axis must have the same length n"
             )
-    if count is None:
-        raise ValueError(
-            "no gradients to aggregate: the stacked gradient has no tensor leaves "
-            f"(structure {treespec}); pass a pytree whose leaves have shape [n, *parameter_shape]"
-        )
-    if count == 0:
-        raise ValueError("no gradients to aggregate: the stacked gradient's leading objective axis has length 0")
-    return StackedLeaves(treespec, list(leaves), count)
+    raise ValueError(
+        "no gradients to aggregate: the stacked gradient has no tensor leaves "
+        f"(structure {treespec}); pass a pytree whose leaves have shape [n, *parameter_shape]"
+    )
 
 
 def ravel_pytree(tree: PyTree) -> tuple[Tensor, RavelSpec]:

@@ -46,3 +46,5 @@ class Solution(NamedTuple):
     row_weights: Tensor
     """``[n]`` coefficients on the stored (possibly rescaled) rows of the gradient matrix."""
     stats: AggregationStats
+    on_host: bool = False
+    """The host solver made it: the gradient matrix holds plain eager tensors without autograd history."""

@@ -108,17 +108,18 @@ def _prepare(grads: object, *, stacked: bool, rescale: bool) -> _Prepared:
 
 
 def _aggregate(prepared: _Prepared, solution: Solution) -> Aggregate:
-    leaves = _gram.combine_rows(prepared.matrix, solution.row_weights)
+    leaves = _gram.combine_rows(prepared.matrix, solution.row_weights, plain=solution.on_host)
     return Aggregate(optree.tree_unflatten(prepared.treespec, leaves), solution.stats)
 
 
-def _solve_fixed(matrix: GradientMatrix, raw: Tensor, weights: Tensor | Sequence[float]) -> Solution:
+def _solve_fixed(matrix: GradientMatrix, weights: Tensor | Sequence[float]) -> Solution:
     """Solve for fixed weights (a tensor, or floats) with the host solver where it can run, else on the device."""
     # Weights with autograd history (learned weights) stay tensors, so the result keeps their graph.
     readable = not isinstance(weights, Tensor) or (can_read_values(weights) and not weights.requires_grad)
-    if _host_solver.eligible(raw) and readable:
+    if readable and _host_solver.eligible(matrix):
         values = weights.tolist() if isinstance(weights, Tensor) else list(weights)
-        return _host_solver.solve_weighted(matrix, raw, values)
+        return _host_solver.solve_weighted(matrix, _gram.host_gram(matrix), values)
+    raw = _gram.gram_matrix(matrix)
     if isinstance(weights, Tensor):
         tensor = weights.to(raw.device, raw.dtype)
     else:
@@ -140,17 +141,15 @@ def sum_grads(grads: object, *, rescale: bool = False, stacked: bool = False) ->
         TypeError, ValueError: see ``pcgrad``.
     """
     prepared = _prepare(grads, stacked=stacked, rescale=rescale)
-    matrix = prepared.matrix
-    raw = _gram.gram_matrix(matrix)
-    return _aggregate(prepared, _solve_fixed(matrix, raw, [1.0] * matrix.objectives))
+    count = prepared.matrix.objectives
+    return _aggregate(prepared, _solve_fixed(prepared.matrix, [1.0] * count))
 
 
 def mean_grads(grads: object, *, rescale: bool = False, stacked: bool = False) -> Aggregate:
     """Average the objectives' gradients: ``grad = (1 / n) sum_k g_k``. Arguments as for ``sum_grads``."""
     prepared = _prepare(grads, stacked=stacked, rescale=rescale)
-    matrix = prepared.matrix
-    raw = _gram.gram_matrix(matrix)
-    return _aggregate(prepared, _solve_fixed(matrix, raw, [1.0 / matrix.objectives] * matrix.objectives))
+    count = prepared.matrix.objectives
+    return _aggregate(prepared, _solve_fixed(prepared.matrix, [1.0 / count] * count))
 
 
 def weighted(
@@ -178,8 +177,7 @@ def weighted(
     tensor = to_weight_tensor(weights, matrix.objectives, normalize=normalize)
     if normalize:
         tensor = tensor / tensor.sum()
-    raw = _gram.gram_matrix(matrix)
-    return _aggregate(prepared, _solve_fixed(matrix, raw, tensor))
+    return _aggregate(prepared, _solve_fixed(matrix, tensor))
 
 
 def _check_randomness(seed: int | None, orders: Tensor | None, count: int) -> int | Tensor:
@@ -196,11 +194,13 @@ def _check_randomness(seed: int | None, orders: Tensor | None, count: int) -> in
     return check_seed(seed)
 
 
-def _solve_pcgrad(matrix: GradientMatrix, raw: Tensor, randomness: int | Tensor, *, eps: float, mean: bool) -> Solution:
+def _solve_pcgrad(matrix: GradientMatrix, randomness: int | Tensor, *, eps: float, mean: bool) -> Solution:
     count = matrix.objectives
-    if _host_solver.eligible(raw) and (not isinstance(randomness, Tensor) or can_read_values(randomness)):
+    readable = not isinstance(randomness, Tensor) or can_read_values(randomness)
+    if readable and _host_solver.eligible(matrix):
         orders = randomness.tolist() if isinstance(randomness, Tensor) else draw_orders(count, randomness)
-        return _host_solver.solve_pcgrad(matrix, raw, orders, eps=eps, mean=mean)
+        return _host_solver.solve_pcgrad(matrix, _gram.host_gram(matrix), orders, eps=eps, mean=mean)
+    raw = _gram.gram_matrix(matrix)
     if isinstance(randomness, Tensor):
         device_orders = randomness
     else:
@@ -257,12 +257,11 @@ def pcgrad(
     prepared = _prepare(grads, stacked=stacked, rescale=rescale)
     matrix = prepared.matrix
     randomness = _check_randomness(seed, orders, matrix.objectives)
-    raw = _gram.gram_matrix(matrix)
 
     if matrix.objectives == 1:
-        stats = _solve_fixed(matrix, raw, [1.0]).stats
+        stats = _solve_fixed(matrix, [1.0]).stats
         return Aggregate(optree.tree_unflatten(prepared.treespec, prepared.single), stats)
-    return _aggregate(prepared, _solve_pcgrad(matrix, raw, randomness, eps=eps, mean=reduction == "mean"))
+    return _aggregate(prepared, _solve_pcgrad(matrix, randomness, eps=eps, mean=reduction == "mean"))
 
 
 AGGREGATOR_NAMES = ("sum", "mean", "weighted", "pcgrad")
