@@ -24,6 +24,8 @@ rest) as a small model's parameters would be. Candidates, each timed on the same
 Each candidate works on its own copy of the gradients, so that none finds its inputs
 in the CPU caches because another candidate just loaded them. Each repeat runs every
 candidate once, in a rotated order, so that background load hits all of them alike.
+The repeats are spread over ``--rounds`` rounds, each with fresh copies, so that no
+candidate keeps a lucky or unlucky placement of its buffers in memory for the whole run.
 ``--flush-mb`` also evicts everything from the caches before each call. The table
 reports medians in milliseconds and their ratios.
 """
@@ -31,6 +33,7 @@ reports medians in milliseconds and their ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import time
@@ -143,16 +146,30 @@ def _time_once(candidate: Candidate, step: int, scratch: torch.Tensor | None) ->
     return time.perf_counter() - start
 
 
-def _measure(candidates: dict[str, Candidate], repeats: int, scratch: torch.Tensor | None) -> dict[str, float]:
-    """Return the median seconds of each candidate, running them interleaved in a rotated order."""
-    names = list(candidates)
-    for name in names:  # warm-up: allocator pools, thread pools, lazy imports
-        candidates[name](0)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(_time_once(candidates[name], repeat + 1, scratch))
+def _measure(
+    build: Callable[[], dict[str, Candidate]], repeats: int, rounds: int, scratch: torch.Tensor | None
+) -> dict[str, float]:
+    """Return the median seconds of each candidate over ``rounds`` rounds of fresh copies of the data.
+
+    Within a round every repeat runs each candidate once, in a rotated order. Each round
+    allocates new copies, because the placement of a buffer in memory (which pages,
+    and whether huge pages back it) moved one candidate's time by up to 10% against an
+    identical twin in the same run. Pooling several placements averages that out.
+    """
+    samples: dict[str, list[float]] = {}
+    per_round = max(1, -(-repeats // rounds))
+    for round_index in range(rounds):
+        candidates = build()
+        names = list(candidates)
+        for name in names:  # warm-up: allocator pools, thread pools, lazy imports
+            candidates[name](0)
+        for repeat in range(per_round):
+            shift = repeat % len(names)
+            step = round_index * per_round + repeat + 1
+            for name in names[shift:] + names[:shift]:
+                samples.setdefault(name, []).append(_time_once(candidates[name], step, scratch))
+        del candidates
+        gc.collect()
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -232,6 +249,12 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=60, help="timed repeats at d <= 1e5 (a third at 1e6, a tenth above)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds with fresh copies of the data; the repeats are spread over them (default 5)",
+    )
     parser.add_argument("--loop-repeats", type=int, default=3, help="timed repeats of the slow loop reference")
     parser.add_argument("--no-loop", action="store_true", help="skip the loop reference")
     parser.add_argument(
@@ -267,7 +290,12 @@ def main() -> None:
             difference = _check_agreement(matrix)
             if difference > 1e-4:
                 raise SystemExit(f"tolaria and the loop reference disagree at n={count}, d={size}: {difference:.2e}")
-            medians = _measure(_candidates(matrix, torchjd), _repeats_for(size, args.repeats), scratch)
+            medians = _measure(
+                functools.partial(_candidates, matrix, torchjd),
+                _repeats_for(size, args.repeats),
+                args.rounds,
+                scratch,
+            )
             loop = None if args.no_loop else _measure_loop(matrix, args.loop_repeats)
             print(_row(count, size, medians, loop), flush=True)
             del matrix

@@ -267,7 +267,7 @@ def test_wide_float32_overflow_is_flagged_on_both_paths(monkeypatch: pytest.Monk
     assert torch.isfinite(host.grad["wide"]).all()
 
 
-def test_host_path_writes_each_dtype_group_into_one_buffer() -> None:
+def test_results_of_one_dtype_share_one_buffer() -> None:
     tree = _wide_tree(3, torch.Generator().manual_seed(13))
 
     result = pcgrad(tree, seed=4, stacked=True)

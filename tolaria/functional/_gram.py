@@ -320,9 +320,10 @@ def host_gram(matrix: GradientMatrix) -> list[list[float]]:
 
     Blocks wider than ``GRAM_CHUNK_NUMEL`` are cut into column chunks of that width.
     BLAS products of such thin shapes accumulate almost sequentially in the rows'
-    dtype, so in float32 their relative error grows with the length (measured with
-    torch 2.13: 2.4e-5 for ``torch.mm`` at 1e6 elements and 2.6e-4 at 5e6); a chunk
-    keeps it near 1e-5 whatever the width, and so does summing the chunks.
+    dtype, so in float32 their relative error grows with the length. Measured with
+    torch 2.13, ``torch.mm`` was 2.4e-5 off at 1e6 elements and 2.6e-4 at 5e6. Chunks
+    keep the error near 1e-5 whatever the width, because each chunk rounds like a
+    short product and the chunks are summed in float64.
 
     With at most ``TRIANGLE_MAX_OBJECTIVES`` objectives, a CPU chunk at least
     ``WIDE_BLOCK_NUMEL`` columns wide is done as ``n`` matrix-vector products, row
@@ -377,9 +378,10 @@ def combine_rows(matrix: GradientMatrix, coefficients: Tensor, *, plain: bool = 
 
     Each block is combined in its own dtype and on its own device; each leaf gets back
     its shape and dtype. Leaves that are ``None`` in every objective stay ``None``.
-    Leaves with their block's dtype are views into one result vector per block or,
-    with ``plain=True`` and at least ``SHARED_BUFFER_NUMEL`` elements per objective,
-    per (device, dtype) group. Below that size the ``out=`` products cost more in
+    Leaves with their block's dtype are views into one result vector per block. With
+    ``plain=True`` and at least ``SHARED_BUFFER_NUMEL`` elements per objective, the
+    blocks of one (device, dtype) group share a few result vectors instead (see
+    ``_combine_into_buffers``). Below that size the ``out=`` products cost more in
     dispatch than the shared allocation saves.
 
     Args:
@@ -404,13 +406,13 @@ def combine_rows(matrix: GradientMatrix, coefficients: Tensor, *, plain: bool = 
 def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[Tensor | None]:
     """Combine the blocks of each (device, dtype) group into a few shared, freshly allocated vectors.
 
-    Few large allocations, instead of one per block, matter on the CPU with glibc: a
+    A few large allocations cost less than one per block on the CPU with glibc. A
     freed multi-megabyte result can be handed back to the operating system, and the
-    next call then pays a page fault per 4 KiB page, which costs more than the matrix
-    product itself (measured with torch 2.13). glibc serves requests of up to 32 MiB
-    from reused memory once it has seen such sizes, but always maps larger ones
-    afresh, so a shared buffer holds at most ``SHARED_BUFFER_MAX_BYTES``; a block
-    larger than that gets its own.
+    next call then pays a page fault per 4 KiB page, which cost more than the matrix
+    product itself in measurements with torch 2.13. glibc reuses freed memory for
+    requests of up to 32 MiB once it has seen such sizes, but maps larger ones afresh
+    every time. So a shared buffer contains at most ``SHARED_BUFFER_MAX_BYTES``, and a
+    larger block gets a buffer of its own.
 
     The blocks are combined last first: ``host_gram`` read them first to last, so the
     last ones are the likeliest to still be in the CPU caches.

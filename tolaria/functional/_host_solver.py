@@ -131,7 +131,7 @@ def _solution(
     conflicts = sum(1 for i, row in enumerate(clean) for value in row[i + 1 :] if value < 0)
     ratio = conflicts / max(count * (count - 1) // 2, 1)  # 0 when n <= 1: no pairs, no conflicts
 
-    # One tensor holds every float and the statistics are views of it: one copy instead of five.
+    # One tensor contains every float and the statistics are views of it: one copy instead of five.
     # torch.frombuffer over an array.array skips the per-element type inference of torch.tensor.
     values = array.array(_ARRAY_CODES[matrix.gram_dtype], [ratio, *_cosine(clean), *norms, *weights, *row_weights])
     packed = torch.frombuffer(values, dtype=matrix.gram_dtype)

@@ -47,4 +47,4 @@ class Solution(NamedTuple):
     """``[n]`` coefficients on the stored (possibly rescaled) rows of the gradient matrix."""
     stats: AggregationStats
     on_host: bool = False
-    """The host solver made it: the gradient matrix holds plain eager tensors without autograd history."""
+    """The host solver made it, so the gradient matrix contains plain eager tensors without autograd history."""

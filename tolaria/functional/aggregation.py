@@ -19,9 +19,9 @@ tensors on the device of the first tensor leaf.
 The functions are pure. They never mutate their inputs and never touch a global
 RNG. The ``[n, d]`` work (the Gram matrix and the final combination) is always done
 with tensor operations on the gradients' devices. The ``[n, n]`` work in between
-runs on Python floats when the Gram matrix is a plain CPU tensor in eager mode
-(there reading it costs no device synchronisation, and it is several times faster
-than dispatching dozens of tiny tensor operations); everywhere else (accelerators,
+runs on Python floats when the Gram matrix is on the CPU and the gradients are plain
+tensors in eager mode (there reading it costs no device synchronisation, and it is
+several times faster than dispatching dozens of tiny tensor operations); everywhere else (accelerators,
 ``torch.vmap`` and other ``torch.func`` transforms, ``torch.compile``, inputs with
 autograd history) it runs as tensor operations that never read a value back to the
 host and never branch on tensor data, so the functions work under ``torch.vmap`` and
