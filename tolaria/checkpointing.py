@@ -156,6 +156,8 @@ class CheckpointKeeper:
         target = directory or self.directory
         objects = self.objects
         extra = dict(self._state_extra())
+        if is_main_process(self.context):
+            extra = _count_own_save(extra)
         if self.context.is_distributed:
             # The model and optimizer are the same on every rank; the loss monitor and
             # telemetry counters are not, so each rank's copy is stored.
@@ -230,3 +232,22 @@ class CheckpointKeeper:
             position.global_step,
         )
         return position, extra
+
+
+_SAVED_COUNTER = "tolaria.checkpoint.saved"
+
+
+def _count_own_save(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``extra`` with the saving rank's telemetry counters as they are once this checkpoint commits.
+
+    The counters are captured before ``checkpoint.save`` counts the save itself, so a
+    run resumed from the checkpoint would report one save fewer than were made. A save
+    that fails leaves no checkpoint, so no file claims a save that did not happen.
+    """
+    telemetry = extra.get("telemetry")
+    if not telemetry:
+        return dict(extra)
+    counters = dict(telemetry["counters"])
+    counters[_SAVED_COUNTER] = counters.get(_SAVED_COUNTER, 0.0) + 1.0
+    return {**extra, "telemetry": {**telemetry, "counters": counters}}
+

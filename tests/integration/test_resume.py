@@ -103,6 +103,24 @@ def test_resume_is_bit_identical(
         assert torch.equal(resumed_parameter, original_parameter)
 
 
+def test_resumed_run_counts_every_saved_checkpoint(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    config = resume_config(first)
+    with make_trainer(config) as trainer:
+        trainer.fit()
+        uninterrupted_saves = trainer.telemetry.counters["tolaria.checkpoint.saved"]
+    resumed_dir = tmp_path / "resumed"
+    copy_run_until(first, resumed_dir, 12)
+
+    with make_trainer(config.replace(out_dir=resumed_dir)) as trainer:
+        trainer.fit(resume_from=resumed_dir)
+        resumed_saves = trainer.telemetry.counters["tolaria.checkpoint.saved"]
+
+    # Every 3 steps (3, 6, ..., 24) and at each epoch end (8, 16, 24): step 24 is saved twice.
+    assert uninterrupted_saves == 11
+    assert resumed_saves == uninterrupted_saves
+
+
 def test_resume_from_step_checkpoint_at_epoch_end(
     uninterrupted: tuple[Path, StepLog, list[torch.Tensor]], tmp_path: Path
 ) -> None:
