@@ -41,6 +41,19 @@ def test_demo_one_epoch_writes_summary_and_telemetry(tmp_path: Path) -> None:
     assert "validation accuracy" in completed.stdout
 
 
+def test_demo_halted_before_validation_says_no_accuracy(tmp_path: Path) -> None:
+    # Batches of two make the losses noisy enough for three spike rollbacks in the first epoch.
+    out = tmp_path / "run"
+    completed = run_module("demo", "--epochs", "1", "--batch-size", "2", "--out", str(out), cwd=tmp_path)
+
+    assert completed.returncode == 3, completed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["halted"] is True
+    assert summary["val_accuracy"] == {}
+    assert "validation accuracy: none measured;" in completed.stdout
+    assert "training halted:" in completed.stderr
+
+
 @pytest.mark.skipif(not SCRIPT.exists(), reason="the tolaria console script is not installed in this environment")
 def test_console_script_matches_module(tmp_path: Path) -> None:
     by_module = tmp_path / "module"

@@ -303,7 +303,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return EXIT_HALTED if result.halted else EXIT_OK
     write_json_atomic(out_dir / "summary.json", summary)
     accuracy = ", ".join(f"{name} {value:.3f}" for name, value in summary["val_accuracy"].items() if value is not None)
-    print(f"validation accuracy: {accuracy}; wall time {result.wall_time_s:.1f} s")
+    # A run that halts before its first validation has no accuracy to show.
+    print(f"validation accuracy: {accuracy or 'none measured'}; wall time {result.wall_time_s:.1f} s")
     print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'telemetry.jsonl'}")
     if result.halted:
         print(f"training halted: {result.halt_reason}", file=sys.stderr)
