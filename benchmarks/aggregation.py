@@ -23,7 +23,8 @@ rest) as a small model's parameters would be. Candidates, each timed on the same
 
 Each candidate works on its own copy of the gradients, so that none finds its inputs
 in the CPU caches because another candidate just loaded them. Each repeat runs every
-candidate once, in a rotated order, so that background load hits all of them alike.
+candidate once, in a freshly shuffled order, so that background load hits all of them
+alike and no candidate always runs right after the same neighbour.
 The repeats are spread over ``--rounds`` rounds, each with fresh copies, so that no
 candidate keeps a lucky or unlucky placement of its buffers in memory for the whole run.
 ``--flush-mb`` also evicts everything from the caches before each call. The table
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -151,12 +153,16 @@ def _measure(
 ) -> dict[str, float]:
     """Return the median seconds of each candidate over ``rounds`` rounds of fresh copies of the data.
 
-    Within a round every repeat runs each candidate once, in a rotated order. Each round
-    allocates new copies, because the placement of a buffer in memory (which pages,
-    and whether huge pages back it) moved one candidate's time by up to 10% against an
-    identical twin in the same run. Pooling several placements averages that out.
+    Within a round every repeat runs each candidate once, in an order shuffled with a
+    fixed seed. A rotated order would keep each candidate right after the same
+    neighbour, whose reads and allocations set the state of the caches it starts
+    from. That shifted near-identical candidates by up to 8% against each other. Each
+    round allocates new copies, because the placement of a buffer in memory (which
+    pages, and whether huge pages back it) also moved a candidate's time by up to 10%.
+    Pooling several orders and placements averages both out.
     """
     samples: dict[str, list[float]] = {}
+    shuffler = random.Random(0)
     per_round = max(1, -(-repeats // rounds))
     for round_index in range(rounds):
         candidates = build()
@@ -164,9 +170,10 @@ def _measure(
         for name in names:  # warm-up: allocator pools, thread pools, lazy imports
             candidates[name](0)
         for repeat in range(per_round):
-            shift = repeat % len(names)
             step = round_index * per_round + repeat + 1
-            for name in names[shift:] + names[:shift]:
+            order = list(names)
+            shuffler.shuffle(order)
+            for name in order:
                 samples.setdefault(name, []).append(_time_once(candidates[name], step, scratch))
         del candidates
         gc.collect()
