@@ -7,11 +7,12 @@ as a list of column blocks, so that it never has to exist as one tensor:
   (device, dtype) group, into ``[n, width]`` blocks. A one-objective sequence and a
   stacked pytree need no copy: each large leaf, reshaped to ``[n, numel]``, is its
   own block, and only the small leaves are copied into a shared block.
-* The Gram matrix is the sum of the blocks' ``B @ B.T``, and a combination
-  ``u @ M`` is done block by block and split back into leaves.
+* The Gram matrix is the sum of the blocks' ``B @ B.T``: one tensor from
+  ``gram_matrix``, or Python floats from ``host_gram``, which sums column chunks in
+  float64. A combination ``u @ M`` is done block by block and split back into leaves.
 
-Precision. Without rescaling, blocks keep their dtype and the Gram matrix is
-computed in it (float32 or float64), which is the fastest path. When a squared norm
+Precision. Without rescaling, blocks keep their dtype and the products run in it
+(float32 or float64), which is the fastest path. When a squared norm
 leaves the dtype's range the Gram matrix has an ``inf`` or loses its low bits, and
 the solvers' precision check reports it. With rescaling (always for float16 and bfloat16
 leaves), row ``k`` is multiplied by ``2**e[k]`` so that its largest magnitude lies in
