@@ -41,7 +41,7 @@ def test_demo_one_epoch_writes_summary_and_telemetry(tmp_path: Path) -> None:
     assert "validation accuracy" in completed.stdout
 
 
-def test_demo_halted_before_validation_says_no_accuracy(tmp_path: Path) -> None:
+def test_halted_demo_prints_no_accuracy(tmp_path: Path) -> None:
     # Batches of two make the losses noisy enough for three spike rollbacks in the first epoch.
     out = tmp_path / "run"
     completed = run_module("demo", "--epochs", "1", "--batch-size", "2", "--out", str(out), cwd=tmp_path)

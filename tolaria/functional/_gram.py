@@ -61,7 +61,7 @@ SHARED_BUFFER_NUMEL = 1 << 18
 """From this many elements per objective, plain eager results share one buffer per group (see ``combine_rows``)."""
 
 SHARED_BUFFER_MAX_BYTES = 16 << 20
-"""Largest shared result buffer, half of glibc's 32 MiB cap on reusing freed memory (see ``combine_rows``)."""
+"""Largest shared result buffer: half of the 32 MiB ceiling of glibc's dynamic mmap threshold (see ``combine_rows``)."""
 
 SMALL_LEAF_NUMEL = 4096
 """Stacked leaves with fewer elements per objective are copied into a shared block rather than used in place."""
@@ -220,10 +220,10 @@ def from_stacked(leaves: Sequence[Tensor | None], count: int, *, rescale: bool) 
 
 
 class _Layout(NamedTuple):
-    """Where each leaf of a stacked tree goes, which depends only on the leaves' metadata."""
+    """Placement of the leaves of a stacked tree in blocks, which depends only on the leaves' metadata."""
 
     blocks: tuple[tuple[LeafSlot, ...], ...]
-    """The slots of each block; a block of one large leaf is that leaf's view, the others are copies."""
+    """The slots of each block. A block of one large leaf is a view of that leaf, and the others are copies."""
     copy_all: bool
     numel: int
     home: torch.device
@@ -234,7 +234,7 @@ class _Layout(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _stacked_layout(metas: tuple[LeafMeta | None, ...], rescale: bool) -> _Layout:
-    """Return the block layout of stacked leaves with these metadata (cached: training repeats one structure)."""
+    """Return the block layout of stacked leaves with these metadata, cached because training repeats one structure."""
     groups = _group(metas)
     dtypes = {members[0][1][1] for members in groups}
     copy_all = rescale or any(dtype in HALF_DTYPES for dtype in dtypes)
@@ -410,10 +410,11 @@ def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[
     A few large allocations cost less than one per block on the CPU with glibc. A
     freed multi-megabyte result can be handed back to the operating system, and the
     next call then pays a page fault per 4 KiB page, which cost more than the matrix
-    product itself in measurements with torch 2.13. glibc reuses freed memory for
-    requests of up to 32 MiB once it has seen such sizes, but maps larger ones afresh
-    every time. So a shared buffer contains at most ``SHARED_BUFFER_MAX_BYTES``, and a
-    larger block gets a buffer of its own.
+    product itself in measurements with torch 2.13. glibc serves a request from reused
+    heap memory once it has freed a mapped chunk of that size, but only up to 32 MiB on
+    64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``), and maps larger ones afresh every
+    time. So a shared buffer contains at most ``SHARED_BUFFER_MAX_BYTES``, and a larger
+    block gets a buffer of its own.
 
     The blocks are combined last first: ``host_gram`` read them first to last, so the
     last ones are the likeliest to still be in the CPU caches.

@@ -149,7 +149,7 @@ def _solution(
 
 
 def solve_weighted(matrix: GradientMatrix, gram: Matrix, weights: Sequence[float]) -> Solution:
-    """Combine the objectives with fixed ``weights`` (``n`` floats); ``gram`` is from ``_gram.host_gram``."""
+    """Combine the objectives with fixed ``weights`` (``n`` floats), given ``gram`` from ``_gram.host_gram``."""
     clean, loss = _check_precision(matrix, gram)
     scales = _scales(matrix)
     row_weights = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
@@ -159,7 +159,7 @@ def solve_weighted(matrix: GradientMatrix, gram: Matrix, weights: Sequence[float
 def solve_pcgrad(
     matrix: GradientMatrix, gram: Matrix, orders: Sequence[Sequence[int]], *, eps: float, mean: bool
 ) -> Solution:
-    """Combine the objectives with PCGrad; ``gram`` is from ``_gram.host_gram`` and ``orders`` was checked."""
+    """Combine the objectives with PCGrad, given ``gram`` from ``_gram.host_gram`` and checked ``orders``."""
     clean, loss = _check_precision(matrix, gram)
     coefficients = _project_coefficients(clean, orders, _projection_targets(matrix, clean, eps))
 

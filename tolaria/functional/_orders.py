@@ -17,7 +17,7 @@ def draw_orders(count: int, seed: int) -> list[list[int]]:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count={count!r} is invalid; expected the number of objectives, an int >= 1")
     seed = check_seed(seed)
-    if count <= 2:  # a permutation of at most one objective: nothing to draw
+    if count <= 2:  # A permutation of at most one objective leaves nothing to draw.
         return [[other for other in range(count) if other != objective] for objective in range(count)]
     generator = random.Random(seed)
     orders = []
