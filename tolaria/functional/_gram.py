@@ -294,6 +294,9 @@ def _scale_block(block: Block, exponents: Tensor, dtype: torch.dtype) -> Block:
 
 def gram_matrix(matrix: GradientMatrix) -> Tensor:
     """Return the Gram matrix ``M @ M.T`` ([n, n], ``gram_dtype``, on ``home``) of the stored rows."""
+    # NOTE: one product per block, unlike host_gram's chunks. In float32 on the CPU its
+    # error grows with the block's width (2.6e-4 relative at 5e6 columns with torch 2.13);
+    # it has not been measured on accelerators, whose libraries reduce differently.
     return _sum_of_products([block.matrix for block in matrix.blocks], matrix)
 
 
