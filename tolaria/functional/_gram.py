@@ -8,8 +8,8 @@ as a list of column blocks, so that it never has to exist as one tensor:
   stacked pytree need no copy: each large leaf, reshaped to ``[n, numel]``, is its
   own block, and only the small leaves are copied into a shared block.
 * The Gram matrix is the sum of the blocks' ``B @ B.T``: one tensor from
-  ``gram_matrix``, or Python floats from ``host_gram``, which sums column chunks in
-  float64. A combination ``u @ M`` is done block by block and split back into leaves.
+  ``gram_matrix``, or Python floats from ``host_gram``, which works in column
+  chunks. A combination ``u @ M`` is done block by block and split back into leaves.
 
 Precision. Without rescaling, blocks keep their dtype and the products run in it
 (float32 or float64), which is the fastest path. When a squared norm
@@ -327,7 +327,7 @@ def host_gram(matrix: GradientMatrix) -> list[list[float]]:
     dtype, so in float32 their relative error grows with the length. Measured with
     torch 2.13, ``torch.mm`` was 2.4e-5 off at 1e6 elements and 2.6e-4 at 5e6. Chunks
     keep the error near 1e-5 whatever the width, because each chunk rounds like a
-    short product and the chunks are summed in float64.
+    short product and adding up the chunks costs one rounding per chunk.
 
     With at most ``TRIANGLE_MAX_OBJECTIVES`` objectives, a CPU chunk at least
     ``WIDE_BLOCK_NUMEL`` columns wide is done as ``n`` matrix-vector products, row
