@@ -147,6 +147,19 @@ def test_stacked_zero_objectives_is_rejected() -> None:
         sum_grads({"a": torch.ones(0, 4)}, stacked=True)
 
 
+def test_stacked_checks_hold_for_a_structure_seen_before() -> None:
+    # Stacked validation is cached by leaf metadata: a repeated invalid tree must raise every time,
+    # and an integer leaf must not pass because a float leaf of the same shape was accepted.
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"has 3 objectives at key path \['b'\]"):
+            sum_grads({"a": torch.ones(2, 4), "b": torch.ones(3, 4)}, stacked=True)
+    assert sum_grads({"w": torch.ones(2, 4)}, stacked=True).grad["w"].tolist() == [2.0] * 4
+    with pytest.raises(TypeError, match=r"a tensor of dtype torch.int64 at key path \['w'\]"):
+        sum_grads({"w": torch.ones(2, 4, dtype=torch.int64)}, stacked=True)
+    with pytest.raises(TypeError, match=r"a float at key path \['w'\]"):
+        sum_grads({"w": 1.5}, stacked=True)
+
+
 def test_pcgrad_needs_seed_or_orders() -> None:
     with pytest.raises(ValueError, match="pcgrad needs explicit randomness: pass seed=<int>"):
         pcgrad([torch.ones(2), torch.ones(2)])

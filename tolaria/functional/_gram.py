@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tolaria.functional._pytree import LeafSlot
+from tolaria.functional._pytree import LeafSlot, StackedMeta
 
 __all__ = [
     "HALF_DTYPES",
@@ -194,7 +194,13 @@ def from_columns(columns: Sequence[Sequence[Tensor | None]], count: int, *, resc
     return matrix._replace(absent=absent) if absent else matrix
 
 
-def from_stacked(leaves: Sequence[Tensor | None], count: int, *, rescale: bool) -> GradientMatrix:
+def from_stacked(
+    leaves: Sequence[Tensor | None],
+    count: int,
+    *,
+    rescale: bool,
+    metas: tuple[StackedMeta | None, ...] | None = None,
+) -> GradientMatrix:
     """Build the matrix from validated stacked leaves of shape ``[n, *parameter_shape]``.
 
     Without rescaling a leaf of ``SMALL_LEAF_NUMEL`` or more elements per objective is a
@@ -202,12 +208,16 @@ def from_stacked(leaves: Sequence[Tensor | None], count: int, *, rescale: bool) 
     large leaves are never copied. The small leaves of each (device, dtype) group are
     copied into one block, which keeps the number of matrix products low for models
     with many biases and norm scales. Rescaling copies each group into one block.
+
+    ``metas`` are the leaves' ``(shape, dtype, device)`` from ``flatten_stacked``; they
+    are read from the leaves when not given.
     """
-    metas = tuple(None if leaf is None else (leaf.shape[1:], leaf.dtype, leaf.device) for leaf in leaves)
+    if metas is None:
+        metas = tuple(None if leaf is None else (leaf.shape, leaf.dtype, leaf.device) for leaf in leaves)
     layout = _stacked_layout(metas, rescale)
     blocks = []
-    for slots in layout.blocks:
-        if len(slots) == 1 and not layout.copy_all and slots[0].numel >= SMALL_LEAF_NUMEL:
+    for slots, in_place in zip(layout.blocks, layout.in_place, strict=True):
+        if in_place:
             rows = _stacked_rows(leaves[slots[0].position], count, slots[0].numel)
         else:
             rows = torch.cat([_stacked_rows(leaves[slot.position], count, slot.numel) for slot in slots], dim=1)
@@ -223,7 +233,9 @@ class _Layout(NamedTuple):
     """Placement of the leaves of a stacked tree in blocks, which depends only on the leaves' metadata."""
 
     blocks: tuple[tuple[LeafSlot, ...], ...]
-    """The slots of each block. A block of one large leaf is a view of that leaf, and the others are copies."""
+    """The slots of each block."""
+    in_place: tuple[bool, ...]
+    """For each block: it is one large leaf, used as an ``[n, numel]`` view rather than copied."""
     copy_all: bool
     numel: int
     home: torch.device
@@ -233,12 +245,13 @@ class _Layout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def _stacked_layout(metas: tuple[LeafMeta | None, ...], rescale: bool) -> _Layout:
+def _stacked_layout(metas: tuple[StackedMeta | None, ...], rescale: bool) -> _Layout:
     """Return the block layout of stacked leaves with these metadata, cached because training repeats one structure."""
-    groups = _group(metas)
+    groups = _group([None if meta is None else (meta[0][1:], meta[1], meta[2]) for meta in metas])
     dtypes = {members[0][1][1] for members in groups}
     copy_all = rescale or any(dtype in HALF_DTYPES for dtype in dtypes)
     blocks: list[tuple[LeafSlot, ...]] = []
+    in_place: list[bool] = []
     for members in groups:
         small = []
         for position, (shape, dtype, device) in members:
@@ -246,11 +259,21 @@ def _stacked_layout(metas: tuple[LeafMeta | None, ...], rescale: bool) -> _Layou
                 small.append((position, (shape, dtype, device)))
             else:
                 blocks.append((LeafSlot(position, 0, shape, dtype, device),))
+                in_place.append(True)
         if small:
             blocks.append(_slots(small))
+            in_place.append(False)
     numel = sum(_width(slots) for slots in blocks)
     gram_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-    return _Layout(tuple(blocks), copy_all, numel, blocks[0][0].device, gram_dtype, _range_limits(dtypes, numel))
+    return _Layout(
+        tuple(blocks),
+        tuple(in_place),
+        copy_all,
+        numel,
+        blocks[0][0].device,
+        gram_dtype,
+        _range_limits(dtypes, numel),
+    )
 
 
 def _stacked_rows(leaf: Tensor | None, count: int, numel: int) -> Tensor:

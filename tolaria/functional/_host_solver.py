@@ -40,11 +40,10 @@ def eligible(matrix: GradientMatrix) -> bool:
     """
     if matrix.home.type != "cpu" or matrix.objectives > MAX_OBJECTIVES or torch.compiler.is_compiling():
         return False
-    recording = torch.is_grad_enabled()
-    for block in matrix.blocks:
-        if (recording and block.matrix.requires_grad) or _functorch.is_functorch_wrapped_tensor(block.matrix):
-            return False
-    return True
+    # Inside a torch.func transform the blocks are (or may be) wrapped tensors, whose values cannot be read.
+    if _functorch.maybe_current_level() is not None:
+        return False
+    return not (torch.is_grad_enabled() and any(block.matrix.requires_grad for block in matrix.blocks))
 
 
 def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool]:
@@ -60,8 +59,10 @@ def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool
         in_range = matrix.underflow_floor <= value <= matrix.overflow_ceiling
         if not in_range and not (value == 0.0 and k in matrix.absent):
             loss = True
-    clean = [[value if math.isfinite(value) else 0.0 for value in row] for row in gram]
-    return clean, loss
+    # A finite total means that no entry is inf or NaN, so the usual matrix needs no copy.
+    if math.isfinite(sum(map(sum, gram))):
+        return gram, loss
+    return [[value if math.isfinite(value) else 0.0 for value in row] for row in gram], loss
 
 
 def _log2_norms(matrix: GradientMatrix, gram: Matrix) -> list[float]:
@@ -95,15 +96,14 @@ def _project_coefficients(gram: Matrix, orders: Sequence[Sequence[int]], targets
     return coefficients
 
 
-def _scales(matrix: GradientMatrix) -> list[float]:
-    """Return ``2**-e[k]``, which maps a per-row value of the scaled matrix back to the original gradient."""
+def _scales(matrix: GradientMatrix) -> list[float] | None:
+    """Return ``2**-e[k]``, which maps a per-row value of the scaled matrix back to the original gradient.
+
+    ``None`` when the rows were not rescaled (every factor is 1).
+    """
     if matrix.exponents is None:
-        return [1.0] * matrix.objectives
+        return None
     return [2.0 ** (-exponent) for exponent in matrix.exponents.tolist()]
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
 
 
 def _cosine(clean: Matrix) -> list[float]:
@@ -116,24 +116,32 @@ def _cosine(clean: Matrix) -> list[float]:
     ]
 
 
-def _norm(squared: float, scale: float) -> float:
+def _norms(gram: Matrix, scales: list[float] | None) -> list[float]:
+    """Return the norms of the original gradients from the diagonal of the (scaled) Gram matrix."""
     # A NaN squared norm (non-finite input) gives a NaN norm; sqrt would reject a negative one, which cannot occur.
-    return math.sqrt(squared) * scale if squared >= 0 else math.nan
+    norms = [math.sqrt(row[k]) if row[k] >= 0 else math.nan for k, row in enumerate(gram)]
+    return norms if scales is None else [norm * scale for norm, scale in zip(norms, scales, strict=True)]
 
 
 def _solution(
-    matrix: GradientMatrix, gram: Matrix, clean: Matrix, loss: bool, weights: list[float], row_weights: list[float]
+    matrix: GradientMatrix,
+    gram: Matrix,
+    clean: Matrix,
+    loss: bool,
+    weights: list[float],
+    row_weights: list[float],
+    scales: list[float] | None,
 ) -> Solution:
     """Compute the statistics and pack everything into tensors of the Gram matrix's dtype."""
     count = matrix.objectives
-    scales = _scales(matrix)
-    norms = [_norm(row[k], scales[k]) for k, row in enumerate(gram)]
     conflicts = sum(1 for i, row in enumerate(clean) for value in row[i + 1 :] if value < 0)
     ratio = conflicts / max(count * (count - 1) // 2, 1)  # 0 when n <= 1: no pairs, no conflicts
 
     # One tensor contains every float and the statistics are views of it: one copy instead of five.
     # torch.frombuffer over an array.array skips the per-element type inference of torch.tensor.
-    values = array.array(_ARRAY_CODES[matrix.gram_dtype], [ratio, *_cosine(clean), *norms, *weights, *row_weights])
+    values = array.array(
+        _ARRAY_CODES[matrix.gram_dtype], [ratio, *_cosine(clean), *_norms(gram, scales), *weights, *row_weights]
+    )
     packed = torch.frombuffer(values, dtype=matrix.gram_dtype)
     square = count * count
     ratio_view, cosine, norm_view, weight_view, row_view = packed.split_with_sizes([1, square, count, count, count])
@@ -152,8 +160,9 @@ def solve_weighted(matrix: GradientMatrix, gram: Matrix, weights: Sequence[float
     """Combine the objectives with fixed ``weights`` (``n`` floats), given ``gram`` from ``_gram.host_gram``."""
     clean, loss = _check_precision(matrix, gram)
     scales = _scales(matrix)
-    row_weights = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
-    return _solution(matrix, gram, clean, loss, list(weights), row_weights)
+    weights = list(weights)
+    row_weights = weights if scales is None else [weight * scale for weight, scale in zip(weights, scales, strict=True)]
+    return _solution(matrix, gram, clean, loss, weights, row_weights, scales)
 
 
 def solve_pcgrad(
@@ -166,11 +175,15 @@ def solve_pcgrad(
     # Row i of the recursion ran on scaled rows, so g_i^PC = 2**-e[i] sum_k C[i][k] (2**e[k] g_k):
     # the coefficient of stored row k is sum_i 2**-e[i] C[i][k], and that of g_k is 2**e[k] times it.
     # A coefficient can only overflow in a Gram matrix that precision_loss flags; it is then set to 0.
+    count = matrix.objectives
+    factor = 1.0 / count if mean else 1.0
     scales = _scales(matrix)
-    factor = 1.0 / matrix.objectives if mean else 1.0
-    row_weights = [
-        _finite(factor * sum(scales[i] * coefficients[i][k] for i in range(matrix.objectives)))
-        for k in range(matrix.objectives)
-    ]
-    weights = [_finite(weight / scale) for weight, scale in zip(row_weights, scales, strict=True)]
-    return _solution(matrix, gram, clean, loss, weights, row_weights)
+    if scales is None:
+        row_weights = [factor * sum(row[k] for row in coefficients) for k in range(count)]
+        weights = row_weights
+    else:
+        row_weights = [factor * sum(scales[i] * coefficients[i][k] for i in range(count)) for k in range(count)]
+        weights = [weight / scale for weight, scale in zip(row_weights, scales, strict=True)]
+    row_weights = [weight if math.isfinite(weight) else 0.0 for weight in row_weights]
+    weights = [weight if math.isfinite(weight) else 0.0 for weight in weights]
+    return _solution(matrix, gram, clean, loss, weights, row_weights, scales)

@@ -9,11 +9,13 @@ its place in the structure.
 
 Every check here reads metadata only (types, shapes, dtypes, devices), so it costs
 no device synchronisation and runs unchanged under ``torch.vmap`` and
-``torch.compile``.
+``torch.compile``. The checks of a stacked tree are cached by that metadata, since a
+training loop passes trees of one structure at every step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -27,6 +29,7 @@ __all__ = [
     "PyTree",
     "RavelSpec",
     "StackedLeaves",
+    "StackedMeta",
     "flatten_sequence",
     "flatten_stacked",
     "format_key_path",
@@ -68,6 +71,10 @@ class RavelSpec(NamedTuple):
     """Length of the flat vector."""
 
 
+StackedMeta = tuple[torch.Size, torch.dtype, torch.device]
+"""Shape (with the leading objective axis), dtype and device of one stacked leaf."""
+
+
 class StackedLeaves(NamedTuple):
     """A validated stacked gradient pytree."""
 
@@ -76,6 +83,8 @@ class StackedLeaves(NamedTuple):
     """Leaves with their leading objective axis, ``None`` where the tree has ``None``."""
     objectives: int
     """The length ``n`` of the leading objective axis."""
+    metas: tuple[StackedMeta | None, ...]
+    """The metadata of each leaf, ``None`` for a ``None`` leaf."""
 
 
 def format_key_path(path: Sequence[Any]) -> str:
@@ -209,6 +218,10 @@ def flatten_sequence(grads: object) -> tuple[optree.PyTreeSpec, list[list[Tensor
     return treespec, columns
 
 
+_NOT_A_TENSOR = object()
+"""Stands in the metadata of a stacked leaf that is neither ``None`` nor a tensor."""
+
+
 def flatten_stacked(tree: PyTree) -> StackedLeaves:
     """Flatten and validate one stacked gradient pytree whose leaves have shape ``[n, *parameter_shape]``.
 
@@ -218,19 +231,33 @@ def flatten_stacked(tree: PyTree) -> StackedLeaves:
     """
     # The key paths are only needed for error messages, so the common, valid case flattens without them.
     leaves, treespec = optree.tree_flatten(tree, none_is_leaf=True, namespace=NAMESPACE)
-    counts = set()
-    for leaf in leaves:
-        if leaf is None:
-            continue
-        if not isinstance(leaf, Tensor) or not leaf.is_floating_point() or leaf.dim() == 0:
-            _raise_invalid_stacked(tree)
-        counts.add(leaf.shape[0])
-    if len(counts) != 1:
+    metas = tuple(
+        None if leaf is None else (leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _NOT_A_TENSOR
+        for leaf in leaves
+    )
+    count = _stacked_objectives(metas)
+    if count < 0:
         _raise_invalid_stacked(tree)
-    count = counts.pop()
     if count == 0:
         raise ValueError("no gradients to aggregate: the stacked gradient's leading objective axis has length 0")
-    return StackedLeaves(treespec, leaves, count)
+    return StackedLeaves(treespec, leaves, count, metas)  # type: ignore[arg-type]  # no _NOT_A_TENSOR is left
+
+
+@functools.lru_cache(maxsize=256)
+def _stacked_objectives(metas: tuple[object, ...]) -> int:
+    """Return ``n`` for valid stacked metadata, or -1 for an invalid leaf or disagreeing leading axes.
+
+    The answer depends on the metadata alone, which a training loop repeats at every
+    step, so it is cached: a repeated structure is validated with one lookup.
+    """
+    counts = set()
+    for meta in metas:
+        if meta is None:
+            continue
+        if not isinstance(meta, tuple) or not meta[1].is_floating_point or len(meta[0]) == 0:
+            return -1
+        counts.add(meta[0][0])
+    return counts.pop() if len(counts) == 1 else -1
 
 
 def _raise_invalid_stacked(tree: PyTree) -> NoReturn:

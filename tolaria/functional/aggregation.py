@@ -96,7 +96,7 @@ def _prepare(grads: object, *, stacked: bool, rescale: bool) -> _Prepared:
     """Validate ``grads`` in either form and build its gradient matrix."""
     if stacked:
         flat = flatten_stacked(grads)
-        matrix = _gram.from_stacked(flat.leaves, flat.objectives, rescale=rescale)
+        matrix = _gram.from_stacked(flat.leaves, flat.objectives, rescale=rescale, metas=flat.metas)
         single: list[Tensor | None] = []
         if flat.objectives == 1:
             single = [None if leaf is None else leaf[0] for leaf in flat.leaves]
