@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tolaria.functional import _columns
+from tolaria.functional._columns import Column
 from tolaria.functional._pytree import LeafSlot, StackedMeta
 
 __all__ = [
@@ -100,6 +102,8 @@ class GradientMatrix(NamedTuple):
     """A diagonal Gram entry above this may have overflowed, here or in an off-diagonal entry."""
     absent: tuple[int, ...] = ()
     """Objectives whose every leaf is ``None``: known zero gradients, whatever the precision."""
+    columns: tuple[Column, ...] = ()
+    """Leaves of a gradient sequence used in place rather than copied into a block (see ``_columns``)."""
 
 
 def _range_limits(dtypes: set[torch.dtype], numel: int) -> tuple[float, float]:
@@ -156,14 +160,20 @@ def _assemble(columns: Sequence[Sequence[Tensor | None]], slots: Sequence[LeafSl
     return torch.cat(pieces).view(count, _width(slots))
 
 
-def _finish(blocks: list[Block], count: int, leaf_count: int, rescale: bool) -> GradientMatrix:
-    dtypes = {slot.dtype for block in blocks for slot in block.slots}
-    numel = sum(_width(block.slots) for block in blocks)
-    home = blocks[0].slots[0].device
+def _finish(
+    blocks: list[Block], count: int, leaf_count: int, rescale: bool, columns: tuple[Column, ...] = ()
+) -> GradientMatrix:
+    slots = [slot for block in blocks for slot in block.slots] + [column.slot for column in columns]
+    dtypes = {slot.dtype for slot in slots}
+    numel = _width(slots)
+    home = slots[0].device
     gram_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
     if not (rescale or any(dtype in HALF_DTYPES for dtype in dtypes)):
         floor, ceiling = _range_limits(dtypes, numel)
-        return GradientMatrix(tuple(blocks), count, leaf_count, numel, home, gram_dtype, None, floor, ceiling)
+        return GradientMatrix(
+            tuple(blocks), count, leaf_count, numel, home, gram_dtype, None, floor, ceiling, columns=columns
+        )
+    # Columns are only made for unscaled float32 and float64 leaves, so a rescaled matrix has none.
     exponents = _scale_exponents(blocks, count, home, gram_dtype)
     scaled = tuple(_scale_block(block, exponents, gram_dtype) for block in blocks)
     ceiling = torch.finfo(gram_dtype).max / 4
@@ -179,17 +189,21 @@ def from_columns(columns: Sequence[Sequence[Tensor | None]], count: int, *, resc
     """Build the matrix from validated sequence leaves ``columns[leaf][objective]``.
 
     A ``None`` entry stands for zeros of the leaf's shape. One ``torch.cat`` per
-    (device, dtype) group copies the leaves, except for ``n = 1``, which is handled as a
+    (device, dtype) group copies the leaves, except the large leaves that the host
+    path can use in place (see ``_columns``) and ``n = 1``, which is handled as a
     stacked tree of views.
     """
     if count == 1:
         stacked = [None if column[0] is None else column[0].unsqueeze(0) for column in columns]
         return from_stacked(stacked, 1, rescale=rescale)
+    in_place = _columns.select(columns, count, rescale=rescale)
+    skipped = {column.slot.position for column in in_place}
+    metas = [None if position in skipped else _column_meta(column) for position, column in enumerate(columns)]
     blocks = []
-    for members in _group([_column_meta(column) for column in columns]):
+    for members in _group(metas):
         slots = _slots(members)
         blocks.append(Block(_assemble(columns, slots, count), slots))
-    matrix = _finish(blocks, count, len(columns), rescale)
+    matrix = _finish(blocks, count, len(columns), rescale, in_place)
     absent = tuple(k for k in range(count) if all(column[k] is None for column in columns))
     return matrix._replace(absent=absent) if absent else matrix
 
@@ -320,7 +334,8 @@ def gram_matrix(matrix: GradientMatrix) -> Tensor:
     # NOTE: one product per block, unlike host_gram's chunks. In float32 on the CPU its
     # error grows with the block's width (2.6e-4 relative at 5e6 columns with torch 2.13);
     # it has not been measured on accelerators, whose libraries reduce differently.
-    return _sum_of_products([block.matrix for block in matrix.blocks], matrix)
+    parts = [block.matrix for block in matrix.blocks] + [_columns.stacked_rows(column) for column in matrix.columns]
+    return _sum_of_products(parts, matrix)
 
 
 def _sum_of_products(parts: Sequence[Tensor], matrix: GradientMatrix) -> Tensor:
@@ -378,6 +393,8 @@ def host_gram(matrix: GradientMatrix) -> list[list[float]]:
                 total[i][k] += row[k]
                 if k != i:
                     total[k][i] += row[k]
+    if matrix.columns:
+        _columns.add_products(total, matrix.columns, GRAM_CHUNK_NUMEL)
     return total
 
 
@@ -418,19 +435,29 @@ def combine_rows(matrix: GradientMatrix, coefficients: Tensor, *, plain: bool = 
             tensors without autograd history (what ``_host_solver.eligible`` checks),
             so the products may write into preallocated buffers with ``out=``.
     """
-    if plain and len(matrix.blocks) > 1 and matrix.numel >= SHARED_BUFFER_NUMEL:
-        return _combine_into_buffers(matrix, coefficients)
     leaves: list[Tensor | None] = [None] * matrix.leaf_count
-    local = coefficients
-    for block in matrix.blocks:
-        rows = block.matrix
-        if local.device != rows.device or local.dtype != rows.dtype:
-            local = coefficients.to(rows.device, rows.dtype)
-        _place(leaves, block, local @ rows)
+    if plain and len(matrix.blocks) > 1 and matrix.numel >= SHARED_BUFFER_NUMEL:
+        _combine_into_buffers(matrix, coefficients, leaves)
+    else:
+        local = coefficients
+        for block in matrix.blocks:
+            rows = block.matrix
+            if local.device != rows.device or local.dtype != rows.dtype:
+                local = coefficients.to(rows.device, rows.dtype)
+            _place(leaves, block, local @ rows)
+    if not matrix.columns:
+        return leaves
+    if plain:
+        _columns.combine(matrix.columns, coefficients.tolist(), leaves)
+        return leaves
+    # Tensor coefficients that may carry autograd history: combine stacked copies, as for blocks.
+    for column in matrix.columns:
+        rows = _columns.stacked_rows(column)
+        leaves[column.slot.position] = (coefficients.to(rows.dtype) @ rows).view(column.slot.shape)
     return leaves
 
 
-def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[Tensor | None]:
+def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor, leaves: list[Tensor | None]) -> None:
     """Combine the blocks of each (device, dtype) group into a few shared, freshly allocated vectors.
 
     A few large allocations cost less than one per block on the CPU with glibc. A
@@ -449,7 +476,6 @@ def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[
     for block in matrix.blocks:
         groups.setdefault((block.matrix.device, block.matrix.dtype), []).append(block)
 
-    leaves: list[Tensor | None] = [None] * matrix.leaf_count
     for (device, dtype), blocks in groups.items():
         vector = coefficients.to(device, dtype)
         for run in _buffer_runs(blocks, dtype.itemsize):
@@ -458,7 +484,6 @@ def _combine_into_buffers(matrix: GradientMatrix, coefficients: Tensor) -> list[
             for block, flat in zip(reversed(run), reversed(outputs), strict=True):
                 torch.mv(block.matrix.T, vector, out=flat)
                 _place(leaves, block, flat)
-    return leaves
 
 
 def _buffer_runs(blocks: list[Block], itemsize: int) -> list[list[Block]]:

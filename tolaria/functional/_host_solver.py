@@ -43,7 +43,10 @@ def eligible(matrix: GradientMatrix) -> bool:
     # Inside a torch.func transform the blocks are (or may be) wrapped tensors, whose values cannot be read.
     if _functorch.maybe_current_level() is not None:
         return False
-    return not (torch.is_grad_enabled() and any(block.matrix.requires_grad for block in matrix.blocks))
+    if not torch.is_grad_enabled():
+        return True
+    tensors = [block.matrix for block in matrix.blocks] + [row for column in matrix.columns for row in column.rows]
+    return not any(tensor.requires_grad for tensor in tensors)
 
 
 def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool]:
