@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import optree
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from tolaria.functional import _columns
 from tolaria.functional.aggregation import (
     mean_grads,
     pcgrad,
@@ -61,6 +63,18 @@ def test_pcgrad_matches_loop_reference(grads: list[Any], seed: int) -> None:
     expected = pcgrad_reference([_flat(tree) for tree in grads], orders)
 
     result = pcgrad(grads, orders=orders)
+
+    torch.testing.assert_close(_flat(result.grad), expected, rtol=1e-9, atol=1e-9)
+
+
+@given(gradient_sets(st.integers(2, _columns.MAX_OBJECTIVES), FLOAT64_TREES), SEEDS)
+def test_leaves_in_place_match_loop_reference(grads: list[Any], seed: int) -> None:
+    # With the size thresholds at one element, every non-empty leaf of these small trees is used in place.
+    orders = pcgrad_orders(len(grads), seed)
+    expected = pcgrad_reference([_flat(tree) for tree in grads], orders)
+
+    with mock.patch.object(_columns, "MIN_NUMEL", 1), mock.patch.object(_columns, "MIN_TOTAL_NUMEL", 1):
+        result = pcgrad(grads, orders=orders)
 
     torch.testing.assert_close(_flat(result.grad), expected, rtol=1e-9, atol=1e-9)
 
