@@ -78,7 +78,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (default: auto)"
     )
     parser.add_argument("--out", type=Path, help="run folder to create (default: a new timestamped folder under runs/)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training samples per step (default: 32)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="training samples per step (default: 32). Below 8 the losses are noisy enough for the spike "
+        "detector to roll back repeatedly, which can halt the run with exit code 3",
+    )
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 0.002)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.add_argument(
