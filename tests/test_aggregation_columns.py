@@ -12,8 +12,8 @@ from tolaria.functional import _columns, _gram, _host_solver
 from tolaria.functional.aggregation import pcgrad, pcgrad_orders, sum_grads, weighted
 from tolaria.testing import pcgrad_reference
 
-LARGE = _columns.MIN_TOTAL_NUMEL // 2 + 5
-"""Two leaves of this size per objective are just enough to be used in place."""
+LARGE = 2 * _columns.NUMEL_PER_OBJECTIVE + 5
+"""Two leaves of this size per objective are just enough to be used in place with up to four objectives."""
 
 
 def _sequence(count: int, seed: int, dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
@@ -133,15 +133,35 @@ def _selected(trees: list[dict[str, Any]], *, rescale: bool = False) -> int:
 
 
 def test_copied_when_too_small() -> None:
+    # With two objectives the leaves in place must hold 2 * NUMEL_PER_OBJECTIVE elements together.
     trees = _sequence(2, 11)
+    needed = 2 * _columns.NUMEL_PER_OBJECTIVE
     for tree in trees:
-        tree["wide"] = tree["wide"][:100].clone()
+        tree["wide"] = tree["wide"][: _columns.MIN_NUMEL - 1].clone()
+        tree["kernel"] = tree["kernel"][: needed - 1].clone()
 
     assert _selected(trees) == 0
+    for tree in trees:
+        tree["kernel"] = torch.cat([tree["kernel"], torch.ones(1, 1)])
+    assert _selected(trees) == 1
 
 
 def test_copied_for_many_objectives() -> None:
     assert _selected(_sequence(_columns.MAX_OBJECTIVES + 1, 12)) == 0
+
+
+def test_host_solver_takes_every_in_place_count() -> None:
+    assert _columns.MAX_OBJECTIVES <= _host_solver.MAX_OBJECTIVES
+
+
+def test_many_objectives_in_place_only_for_large_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eight objectives need 8 * NUMEL_PER_OBJECTIVE elements per objective, or a copy above LARGE_COPY_BYTES.
+    trees = _sequence(8, 21)
+    copy_bytes = 8 * 2 * LARGE * 4
+
+    assert _selected(trees) == 0
+    monkeypatch.setattr(_columns, "LARGE_COPY_BYTES", copy_bytes - 1)
+    assert _selected(trees) == 2
 
 
 def test_copied_with_rescale() -> None:
@@ -181,7 +201,7 @@ def test_not_in_place_under_vmap() -> None:
         seen.append(_selected([{"w": first}, {"w": second}]))
         return first.sum()
 
-    batch = torch.ones(2, _columns.MIN_TOTAL_NUMEL)
+    batch = torch.ones(2, 4 * _columns.NUMEL_PER_OBJECTIVE)
     torch.vmap(probe)(batch, batch)
     assert seen == [0]
 

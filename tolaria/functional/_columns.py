@@ -1,11 +1,10 @@
 """Large leaves of a gradient sequence used in place, without copying them into the ``[n, d]`` matrix.
 
 For the sequence form, ``_gram.from_columns`` copies the ``n`` trees into ``[n, width]``
-blocks. With few objectives on the CPU that copy costs more than the rest of the
-aggregation: at ``n = 2`` and ``d = 1e6`` float32 it reads and writes 8 MB per call,
-about half a millisecond. So when the host solver will run and ``n`` is at most
-``MAX_OBJECTIVES``, each leaf of at least ``MIN_NUMEL`` elements stays where it is, as
-a ``Column`` of ``n`` flat views:
+blocks. On the CPU that copy can cost more than the rest of the aggregation: at
+``n = 2`` and ``d = 1e6`` float32 it reads and writes 8 MB per call, about half a
+millisecond. So when the host solver will run, each leaf of at least ``MIN_NUMEL``
+elements can stay where it is, as a ``Column`` of ``n`` flat views:
 
 * Its Gram entries are ``torch.dot`` products of the views, ``n (n + 1) / 2`` per
   column chunk, all read back with one ``torch.stack`` and summed in float64.
@@ -13,10 +12,10 @@ a ``Column`` of ``n`` flat views:
   then ``torch._foreach_add_``, the kernels that ``torch.optim`` uses), each over every
   column at once.
 
-The products read each view ``n`` times, mostly from the CPU caches, and the
-combination writes each result ``n`` times. Both grow with ``n`` faster than the copy
-does, and small leaves cost a dispatch per product, so the other leaves are still
-copied.
+The products read each view ``n`` times, mostly from the CPU caches, and cost a
+dispatch each, while the copy reads and writes each element once. So the copy wins
+for small gradients and many objectives, and ``select`` keeps the leaves in place only
+where they are large enough (see ``NUMEL_PER_OBJECTIVE`` and ``LARGE_COPY_BYTES``).
 """
 
 from __future__ import annotations
@@ -31,9 +30,10 @@ from torch._C import _functorch
 from tolaria.functional._pytree import LeafSlot
 
 __all__ = [
+    "LARGE_COPY_BYTES",
     "MAX_OBJECTIVES",
     "MIN_NUMEL",
-    "MIN_TOTAL_NUMEL",
+    "NUMEL_PER_OBJECTIVE",
     "Column",
     "add_products",
     "combine",
@@ -41,17 +41,28 @@ __all__ = [
     "stacked_rows",
 ]
 
-MAX_OBJECTIVES = 4
-"""Maximum number of objectives for leaves used in place (with eight, the copy won at 1e5 elements per objective)."""
+MAX_OBJECTIVES = 16
+"""Maximum number of objectives for leaves used in place: the host solver's limit."""
 
 MIN_NUMEL = 4096
 """Minimum size of a leaf used in place; smaller leaves cost more in dispatch than their copy."""
 
-MIN_TOTAL_NUMEL = 1 << 18
-"""Minimum number of elements per objective that the leaves used in place must hold together.
+NUMEL_PER_OBJECTIVE = 1 << 16
+"""The leaves used in place must hold at least ``n`` times this many elements per objective together.
 
-Measured on two CPU cores with torch 2.13: at 1e5 elements per objective the copy was as
-fast at two objectives and 13% faster at four; at 3e5 the leaves in place were 6-20% faster.
+The dot products per chunk grow as ``n**2`` and the copy as ``n``. This was measured on
+two CPU cores with torch 2.13 (float32, four leaves). The copy and the leaves in place
+took the same time at about 1e5 elements per objective for two objectives, 2e5 for
+four and 3e5 for eight. Beyond that the leaves in place were faster.
+"""
+
+LARGE_COPY_BYTES = 32 << 20
+"""The leaves are also used in place when their copy would be larger than this.
+
+glibc maps a block above 32 MiB afresh at every allocation (``DEFAULT_MMAP_THRESHOLD_MAX``
+on 64-bit systems), so such a copy also pays a page fault per 4 KiB page. With sixteen
+objectives the copy was 15% faster at 5e5 elements per objective (a 30.5 MiB block),
+and the leaves in place were 2.3x faster at 7e5 (43 MiB).
 """
 
 _DTYPES = (torch.float32, torch.float64)
@@ -85,23 +96,28 @@ def select(columns: Sequence[Sequence[Tensor | None]], count: int, *, rescale: b
     """Return the leaves of validated sequence ``columns[leaf][objective]`` that can be used in place.
 
     These are the leaves of ``MIN_NUMEL`` or more elements that no objective leaves
-    ``None``. The result is empty when those leaves hold fewer than ``MIN_TOTAL_NUMEL``
-    elements per objective, or when the host solver would not run: a leaf on an
-    accelerator, in float16 or bfloat16, or with autograd history while gradients are
-    recorded, ``rescale`` set, more than ``MAX_OBJECTIVES`` objectives, or a call under
-    ``torch.compile`` or a ``torch.func`` transform.
+    ``None``. The result is empty when those leaves are too small together: fewer than
+    ``n * NUMEL_PER_OBJECTIVE`` elements per objective, and a copy of at most
+    ``LARGE_COPY_BYTES``. It is also empty when the host solver would not run: a leaf
+    on an accelerator, in float16 or bfloat16, or with autograd history while
+    gradients are recorded, ``rescale`` set, more than ``MAX_OBJECTIVES`` objectives,
+    or a call under ``torch.compile`` or a ``torch.func`` transform.
     """
     if not _usable(columns, count, rescale):
         return ()
-    sizes: dict[int, int] = {}
+    positions = []
+    numel = 0
+    nbytes = 0
     for position, column in enumerate(columns):
         first = column[0]
         if first is not None and first.numel() >= MIN_NUMEL and all(leaf is not None for leaf in column):
-            sizes[position] = first.numel()
-    if sum(sizes.values()) < MIN_TOTAL_NUMEL:
+            positions.append(position)
+            numel += first.numel()
+            nbytes += first.numel() * first.element_size()
+    if numel < count * NUMEL_PER_OBJECTIVE and count * nbytes <= LARGE_COPY_BYTES:
         return ()
     selected = []
-    for position in sizes:
+    for position in positions:
         leaves = [leaf for leaf in columns[position] if leaf is not None]
         first = leaves[0]
         rows = tuple(leaf.reshape(-1) for leaf in leaves)

@@ -4,8 +4,8 @@ Every aggregator takes the gradients in one of two forms:
 
 * a sequence of ``n`` gradient pytrees with identical structure, one per objective.
   The leaves are copied once into an ``[n, d]`` matrix, with one ``torch.cat`` per
-  device and dtype. On the host path with at most four objectives, the large
-  float32 and float64 leaves are used in place instead (see ``docs/aggregation.md``).
+  device and dtype. On the host path, large float32 and float64 leaves are used
+  in place instead (see ``docs/aggregation.md``).
 * With ``stacked=True``, one pytree whose leaves carry a leading objective axis,
   shape ``[n, *parameter_shape]``, as ``torch.func.jacrev`` or ``torch.vmap`` produce.
   The tree is never split into ``n`` trees: each large leaf is used in place as an
