@@ -98,10 +98,11 @@ def select(columns: Sequence[Sequence[Tensor | None]], count: int, *, rescale: b
     These are the leaves of ``MIN_NUMEL`` or more elements that no objective leaves
     ``None``. The result is empty when those leaves are too small together: fewer than
     ``n * NUMEL_PER_OBJECTIVE`` elements per objective, and a copy of at most
-    ``LARGE_COPY_BYTES``. It is also empty when the host solver would not run: a leaf
-    on an accelerator, in float16 or bfloat16, or with autograd history while
-    gradients are recorded, ``rescale`` set, more than ``MAX_OBJECTIVES`` objectives,
-    or a call under ``torch.compile`` or a ``torch.func`` transform.
+    ``LARGE_COPY_BYTES``. It is also empty when the host solver would not run. That is
+    the case for a leaf on an accelerator, in float16 or bfloat16, or with autograd
+    history while gradients are recorded. It is also the case with ``rescale`` set,
+    with more than ``MAX_OBJECTIVES`` objectives, and under ``torch.compile`` or a
+    ``torch.func`` transform.
     """
     if not _usable(columns, count, rescale):
         return ()

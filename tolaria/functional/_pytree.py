@@ -247,7 +247,7 @@ def flatten_stacked(tree: PyTree) -> StackedLeaves:
 def _stacked_objectives(metas: tuple[object, ...]) -> int:
     """Return ``n`` for valid stacked metadata, or -1 for an invalid leaf or disagreeing leading axes.
 
-    The answer depends on the metadata alone, which a training loop repeats at every
+    The result depends on the metadata alone, which a training loop repeats at every
     step, so it is cached: a repeated structure is validated with one lookup.
     """
     counts = set()
