@@ -11,7 +11,7 @@ without breaking the transform.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -24,11 +24,23 @@ __all__ = [
     "check_orders",
     "check_reduction",
     "check_seed",
+    "outside_transforms",
     "to_weight_tensor",
+    "without_autograd",
 ]
 
 MAX_SEED = 2**64 - 1
 """Largest seed that ``torch.Generator.manual_seed`` accepts."""
+
+
+def outside_transforms() -> bool:
+    """Return whether this call runs in eager mode, outside ``torch.compile`` and every ``torch.func`` transform."""
+    return not torch.compiler.is_compiling() and _functorch.maybe_current_level() is None
+
+
+def without_autograd(tensors: Iterable[Tensor]) -> bool:
+    """Return whether nothing computed from ``tensors`` would be recorded: grad mode is off or none requires grad."""
+    return not torch.is_grad_enabled() or not any(tensor.requires_grad for tensor in tensors)
 
 
 def can_read_values(tensor: Tensor) -> bool:

@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch._C import _functorch
 
+from tolaria.functional._checks import outside_transforms, without_autograd
 from tolaria.functional._pytree import LeafSlot
 
 __all__ = [
@@ -78,18 +78,12 @@ class Column(NamedTuple):
 
 def _usable(columns: Sequence[Sequence[Tensor | None]], count: int, rescale: bool) -> bool:
     """Return whether the host solver will take these leaves as they are: plain CPU float32/float64 tensors."""
-    if count > MAX_OBJECTIVES or rescale or torch.compiler.is_compiling():
+    if count > MAX_OBJECTIVES or rescale or not outside_transforms():
         return False
-    if _functorch.maybe_current_level() is not None:  # inside a torch.func transform
+    present = [leaf for column in columns for leaf in column if leaf is not None]
+    if any(leaf.device.type != "cpu" or leaf.dtype not in _DTYPES for leaf in present):
         return False
-    recording = torch.is_grad_enabled()
-    for column in columns:
-        for leaf in column:
-            if leaf is None:
-                continue
-            if leaf.device.type != "cpu" or leaf.dtype not in _DTYPES or (recording and leaf.requires_grad):
-                return False
-    return True
+    return without_autograd(present)
 
 
 def select(columns: Sequence[Sequence[Tensor | None]], count: int, *, rescale: bool) -> tuple[Column, ...]:

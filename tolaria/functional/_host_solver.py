@@ -11,12 +11,13 @@ quantities with tensor operations; ``eligible`` chooses between the two.
 from __future__ import annotations
 
 import array
+import itertools
 import math
 from collections.abc import Sequence
 
 import torch
-from torch._C import _functorch
 
+from tolaria.functional._checks import outside_transforms, without_autograd
 from tolaria.functional._gram import GradientMatrix
 from tolaria.functional._types import AggregationStats, Solution
 
@@ -38,15 +39,11 @@ def eligible(matrix: GradientMatrix) -> bool:
     ``torch.compile`` and ``torch.func`` transforms), no autograd history to keep,
     and at most ``MAX_OBJECTIVES`` objectives.
     """
-    if matrix.home.type != "cpu" or matrix.objectives > MAX_OBJECTIVES or torch.compiler.is_compiling():
-        return False
     # Inside a torch.func transform the blocks are (or may be) wrapped tensors, whose values cannot be read.
-    if _functorch.maybe_current_level() is not None:
+    if matrix.home.type != "cpu" or matrix.objectives > MAX_OBJECTIVES or not outside_transforms():
         return False
-    if not torch.is_grad_enabled():
-        return True
-    tensors = [block.matrix for block in matrix.blocks] + [row for column in matrix.columns for row in column.rows]
-    return not any(tensor.requires_grad for tensor in tensors)
+    rows = (row for column in matrix.columns for row in column.rows)
+    return without_autograd(itertools.chain((block.matrix for block in matrix.blocks), rows))
 
 
 def _check_precision(matrix: GradientMatrix, gram: Matrix) -> tuple[Matrix, bool]:
