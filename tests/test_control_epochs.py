@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_until
 
 from tolaria.control import (
     AdaptationCommand,
@@ -67,14 +68,6 @@ def worker(telemetry):
     worker.shutdown(timeout=2.0)
 
 
-def wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passes; return its last value."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.005)
-    return True
 
 
 def events(telemetry: Telemetry, name: str) -> list:

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_until
 
 from tolaria.telemetry import InMemorySink, Telemetry
 from tolaria.worker import (
@@ -28,14 +29,6 @@ def worker():
     worker.shutdown(timeout=2.0)
 
 
-def wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passes; return its last value."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.005)
-    return True
 
 
 def test_sync_call_returns_value(worker):

@@ -14,6 +14,7 @@ import tracemalloc
 import weakref
 
 import pytest
+from polling import wait_until
 
 from tolaria.worker import AsyncWorker, TaskTimeout, WorkerSaturated
 
@@ -31,14 +32,6 @@ def frozen_gc():
     gc.unfreeze()
 
 
-def wait_until(predicate, timeout_s: float = 5.0) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout_s`` passes; return its last value."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.005)
-    return True
 
 
 def worker_threads(name: str) -> list[threading.Thread]:

@@ -6,10 +6,12 @@ standard library, so each spawned process starts quickly.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
 
+import polling
 import pytest
 import worker_tasks
 
@@ -40,13 +42,8 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.01)
-    return True
+# A process starts more slowly than a thread, so these waits allow twice as long.
+wait_until = functools.partial(polling.wait_until, timeout_s=10.0, interval_s=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import multiprocessing
 import multiprocessing.resource_tracker
 import multiprocessing.util
 import os
 import re
-import time
 
+import polling
 import pytest
 import worker_tasks
 
@@ -22,13 +23,8 @@ from tolaria.worker import AsyncWorker
 SPAWN_BUDGET_S = 30.0
 
 
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(0.01)
-    return True
+# A process starts more slowly than a thread, so these waits allow twice as long.
+wait_until = functools.partial(polling.wait_until, timeout_s=10.0, interval_s=0.01)
 
 
 @pytest.fixture
