@@ -224,8 +224,8 @@ FAILURES: dict[str, Scenario] = {
 }
 
 
-def run_job(job: str, out_dir: Path, timeout_s: float) -> None:
-    scenarios = COLLECTIVES if job == "collectives" else {job: FAILURES[job]}
+def run_scenarios(scenarios: dict[str, Scenario], out_dir: Path, timeout_s: float) -> None:
+    """Run each scenario on this rank and save what it returned, or the error it raised, to ``out_dir``."""
     ctx = DistributedContext.from_environment(timeout=datetime.timedelta(seconds=timeout_s))
     for name, scenario in scenarios.items():
         started = time.monotonic()
@@ -235,6 +235,10 @@ def run_job(job: str, out_dir: Path, timeout_s: float) -> None:
             outcome = {"unexpected": describe_error(error, started)}
         torch.save(outcome, out_dir / f"{name}.rank{ctx.rank}.pt")
     ctx.close()
+
+
+def run_job(job: str, out_dir: Path, timeout_s: float) -> None:
+    run_scenarios(COLLECTIVES if job == "collectives" else {job: FAILURES[job]}, out_dir, timeout_s)
 
 
 def main() -> None:

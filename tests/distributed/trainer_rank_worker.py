@@ -17,7 +17,6 @@ it raised. Jobs:
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import distributed_trainer_cases as cases
-from rank_worker import describe_error, exit_now
+from rank_worker import describe_error, exit_now, run_scenarios
 
 from tolaria.demo import digits_objectives
 from tolaria.distributed import DistributedContext, RankFailure
@@ -120,15 +119,7 @@ JOBS: dict[str, dict[str, Scenario]] = {
 
 
 def run_job(job: str, out_dir: Path, timeout_s: float) -> None:
-    ctx = DistributedContext.from_environment(timeout=datetime.timedelta(seconds=timeout_s))
-    for name, scenario in JOBS[job].items():
-        started = time.monotonic()
-        try:
-            outcome = scenario(ctx, out_dir)
-        except Exception as error:
-            outcome = {"unexpected": describe_error(error, started)}
-        torch.save(outcome, out_dir / f"{name}.rank{ctx.rank}.pt")
-    ctx.close()
+    run_scenarios(JOBS[job], out_dir, timeout_s)
 
 
 def main() -> None:
