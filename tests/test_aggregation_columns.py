@@ -150,11 +150,11 @@ def test_copied_for_many_objectives() -> None:
     assert _selected(_sequence(_columns.MAX_OBJECTIVES + 1, 12)) == 0
 
 
-def test_host_solver_takes_every_in_place_count() -> None:
+def test_in_place_within_host_limit() -> None:
     assert _columns.MAX_OBJECTIVES <= _host_solver.MAX_OBJECTIVES
 
 
-def test_many_objectives_in_place_only_for_large_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_objectives_need_large_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     # Eight objectives need 8 * NUMEL_PER_OBJECTIVE elements per objective, or a copy above LARGE_COPY_BYTES.
     trees = _sequence(8, 21)
     copy_bytes = 8 * 2 * LARGE * 4
@@ -181,7 +181,7 @@ def test_copied_with_autograd_history() -> None:
         assert _selected(trees) == 2
 
 
-def test_leaf_missing_in_one_objective_is_copied() -> None:
+def test_partly_missing_leaf_is_copied() -> None:
     trees = _sequence(2, 16)
     trees[1]["kernel"] = None
     trees[0]["wide"] = torch.cat([trees[0]["wide"], trees[0]["wide"]])

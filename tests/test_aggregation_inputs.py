@@ -147,7 +147,7 @@ def test_stacked_zero_objectives_is_rejected() -> None:
         sum_grads({"a": torch.ones(0, 4)}, stacked=True)
 
 
-def test_stacked_checks_hold_for_a_structure_seen_before() -> None:
+def test_stacked_checks_survive_caching() -> None:
     # Stacked validation is cached by leaf metadata: a repeated invalid tree must raise every time,
     # and an integer leaf must not pass because a float leaf of the same shape was accepted.
     for _ in range(2):

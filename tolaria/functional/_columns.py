@@ -45,10 +45,10 @@ MAX_OBJECTIVES = 16
 """Maximum number of objectives for leaves used in place: the host solver's limit."""
 
 MIN_NUMEL = 4096
-"""Minimum size of a leaf used in place; smaller leaves cost more in dispatch than their copy."""
+"""Minimum size of a leaf used in place. Smaller leaves cost more in dispatch than their copy."""
 
 NUMEL_PER_OBJECTIVE = 1 << 16
-"""The leaves used in place must hold at least ``n`` times this many elements per objective together.
+"""Per-objective share of the size rule: the leaves used in place hold ``n`` times this many elements or more.
 
 The dot products per chunk grow as ``n**2`` and the copy as ``n``. This was measured on
 two CPU cores with torch 2.13 (float32, four leaves). The copy and the leaves in place
@@ -57,7 +57,7 @@ four and 3e5 for eight. Beyond that the leaves in place were faster.
 """
 
 LARGE_COPY_BYTES = 32 << 20
-"""The leaves are also used in place when their copy would be larger than this.
+"""Copy size above which the leaves are used in place, whatever the size rule says.
 
 glibc maps a block above 32 MiB afresh at every allocation (``DEFAULT_MMAP_THRESHOLD_MAX``
 on 64-bit systems), so such a copy also pays a page fault per 4 KiB page. With sixteen

@@ -249,7 +249,7 @@ class _Layout(NamedTuple):
     blocks: tuple[tuple[LeafSlot, ...], ...]
     """The slots of each block."""
     in_place: tuple[bool, ...]
-    """For each block: it is one large leaf, used as an ``[n, numel]`` view rather than copied."""
+    """Per block, whether it is one large leaf used as an ``[n, numel]`` view rather than a copy."""
     copy_all: bool
     numel: int
     home: torch.device

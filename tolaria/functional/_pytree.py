@@ -219,7 +219,7 @@ def flatten_sequence(grads: object) -> tuple[optree.PyTreeSpec, list[list[Tensor
 
 
 _NOT_A_TENSOR = object()
-"""Stands in the metadata of a stacked leaf that is neither ``None`` nor a tensor."""
+"""Placeholder in the metadata of a stacked leaf that is neither ``None`` nor a tensor."""
 
 
 def flatten_stacked(tree: PyTree) -> StackedLeaves:
