@@ -9,42 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from trainer_cases import TwoHeadNet, regression_data, regression_objectives
 
 from tolaria import Trainer, TrainerConfig
 from tolaria.data import EpochBatches
 from tolaria.telemetry import InMemorySink, Telemetry, read_jsonl
 
 
-class TwoHeadNet(nn.Module):
-    """A shared linear trunk with two regression heads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
-        self.head_a = nn.Linear(16, 1)
-        self.head_b = nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shared = self.trunk(x)
-        return self.head_a(shared).squeeze(-1), self.head_b(shared).squeeze(-1)
-
-
-def regression_objectives(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> Mapping[str, torch.Tensor]:
-    x, y_a, y_b = batch
-    out_a, out_b = model(x)
-    return {"a": nn.functional.mse_loss(out_a, y_a), "b": nn.functional.mse_loss(out_b, y_b)}
-
-
-def make_data(samples: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(samples, 4, generator=generator)
-    return x, x[:, 0] - 2 * x[:, 1], torch.sin(x[:, 2]) + 0.5 * x[:, 3]
-
-
 def make_trainer(config: TrainerConfig, telemetry: Telemetry | None = None, **kwargs: object) -> Trainer:
     torch.manual_seed(0)
     model = TwoHeadNet()
-    x, y_a, y_b = make_data()
+    x, y_a, y_b = regression_data()
     train = EpochBatches(x, y_a, y_b, batch_size=32, seed=0)
     val = EpochBatches(x[:64], y_a[:64], y_b[:64], batch_size=64, shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -86,7 +61,7 @@ def test_exclusive_head_gets_its_own_gradient() -> None:
     """A head used by one objective receives exactly that objective's gradient."""
     trainer = make_trainer(TrainerConfig(epochs=1, aggregator="pcgrad", device="cpu"))
     model = trainer.model
-    x, y_a, y_b = (tensor[:32] for tensor in make_data())
+    x, y_a, y_b = (tensor[:32] for tensor in regression_data())
     expected = torch.autograd.grad(
         regression_objectives(model, (x, y_a, y_b))["a"], list(model.head_a.parameters())
     )
@@ -100,7 +75,7 @@ def test_exclusive_head_gets_its_own_gradient() -> None:
 
 def test_nonfinite_loss_skips_update_bit_identically() -> None:
     trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
-    x, y_a, y_b = (tensor[:32] for tensor in make_data())
+    x, y_a, y_b = (tensor[:32] for tensor in regression_data())
     trainer.runner.run((x, y_a, y_b), global_step=0)
     parameters = [parameter.detach().clone() for parameter in trainer.model.parameters()]
     optimizer_state = {
@@ -120,7 +95,7 @@ def test_nonfinite_loss_skips_update_bit_identically() -> None:
 
 def test_fit_counts_and_reports_skipped_steps() -> None:
     telemetry = Telemetry([sink := InMemorySink()])
-    x, y_a, y_b = make_data()
+    x, y_a, y_b = regression_data()
     y_a = y_a.clone()
     y_a[5] = math.inf
     torch.manual_seed(0)
@@ -151,7 +126,7 @@ def test_wrong_input_shape_gives_clear_error() -> None:
 def test_objectives_returning_non_scalar_rejected() -> None:
     torch.manual_seed(0)
     model = TwoHeadNet()
-    x, y_a, y_b = make_data(64)
+    x, y_a, y_b = regression_data(64)
 
     def per_sample(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> Mapping[str, torch.Tensor]:
         out_a, out_b = model(batch[0])
@@ -256,7 +231,7 @@ def test_gradient_clipping_bounds_the_update() -> None:
     """With SGD (lr 1) the parameter change equals the clipped gradient, whose norm is at most the limit."""
     torch.manual_seed(0)
     model = TwoHeadNet()
-    x, y_a, y_b = (tensor[:32] * 100 for tensor in make_data())
+    x, y_a, y_b = (tensor[:32] * 100 for tensor in regression_data())
     before = torch.cat([parameter.detach().flatten().clone() for parameter in model.parameters()])
     trainer = Trainer(
         model,
