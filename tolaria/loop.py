@@ -260,6 +260,9 @@ class TrainingLoop:
         )
 
     def _report_skipped_step(self, outcome: StepOutcome, position: Position) -> None:
+        if outcome.scaler_skipped:
+            self._report_scaler_skip(position)
+            return
         what = "loss" if outcome.nonfinite_loss else "gradient"
         logger.warning(
             "skipped the update at epoch %d, step %d: non-finite %s", position.epoch, position.global_step, what
@@ -269,6 +272,23 @@ class TrainingLoop:
             "tolaria.anomaly.nonfinite",
             Level.WARNING,
             reason=f"non-finite {what}; update skipped",
+            epoch=position.epoch,
+            step=position.global_step,
+        )
+
+    def _report_scaler_skip(self, position: Position) -> None:
+        # Routine while the GradScaler looks for its scale, so INFO rather than an anomaly.
+        logger.info(
+            "the gradient scaler skipped the update at epoch %d, step %d: the scaled fp16 gradients overflowed, "
+            "so it lowered its scale",
+            position.epoch,
+            position.global_step,
+        )
+        self.telemetry.count("tolaria.amp.overflows")
+        self.telemetry.event(
+            "tolaria.amp.overflow",
+            Level.INFO,
+            reason="scaled gradients not finite; GradScaler skipped the update and lowered its scale",
             epoch=position.epoch,
             step=position.global_step,
         )

@@ -24,7 +24,8 @@ class EpochMetrics:
             ``conflicts``, ``cosine_min`` and ``latency_ms``.
         learning_rates: learning rate of each optimizer parameter group at the end.
         samples_per_s: training throughput in samples per second.
-        skipped_steps: steps whose update was skipped (non-finite loss or gradient).
+        skipped_steps: steps whose update was skipped (non-finite loss or gradient, or an fp16
+            ``GradScaler`` overflow).
         wall_time_s: seconds the epoch took, validation included.
         extra: further per-epoch values reported by safety and control components.
     """

@@ -11,11 +11,17 @@ Order of work in ``StepRunner.run``:
    objective's gradient;
 4. update the loss monitor (``tolaria.functional.anomaly``), decide on the device
    whether losses and gradients are finite, and read those flags on the host in one
-   transfer. This is the step's only host synchronisation. Under
+   transfer. This is the step's only host synchronisation without fp16. Under
    ``torch.distributed`` one all-reduce first agrees the flags across ranks;
 5. when finite, write ``.grad``, clip, and step the optimizer (through the
    ``GradScaler`` under fp16); when not, leave parameters and optimizer state
    untouched and report the step as skipped.
+
+Under fp16 step 4 checks the losses but not the scaled gradients, because the
+``GradScaler`` handles their overflow: it skips the optimizer step, and its ``update``
+lowers the scale. Whether it skipped is read from the scale before and after the
+update (two more host reads per fp16 step). Such a step is reported as not applied,
+with ``scaler_skipped`` set.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class StepOutcome(NamedTuple):
         spike: whether the loss monitor flagged a loss spike.
         spike_score: the largest robust z-score of the step's losses.
         nonfinite_loss: whether a loss (not only a gradient) was NaN or infinite.
+        scaler_skipped: whether the fp16 ``GradScaler`` found non-finite scaled gradients
+            and skipped the optimizer step (the losses were finite, so not an anomaly).
     """
 
     losses: torch.Tensor
@@ -62,6 +70,7 @@ class StepOutcome(NamedTuple):
     spike: bool = False
     spike_score: float = 0.0
     nonfinite_loss: bool = False
+    scaler_skipped: bool = False
 
 
 def _read_flags(flags: torch.Tensor) -> list[float]:
@@ -249,20 +258,22 @@ class StepRunner:
         # The one host read of the step: the update must not run on non-finite values.
         skip, nonfinite_loss, spike, score = self._agree_flags(torch.cat([(~finite).float().reshape(1), summary]))
         size = batch_size_of(batch)
+        stepped = False
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self._apply(combined)
+            stepped = self._apply(combined)
         return StepOutcome(
             losses.detach(),
             stats,
             aggregation_ms,
-            applied=not skip,
+            applied=stepped,
             nonfinite=bool(skip),
             batch_size=size,
             spike=bool(spike),
             spike_score=score,
             nonfinite_loss=bool(nonfinite_loss),
+            scaler_skipped=not skip and not stepped,
         )
 
     def _summed_step(self, global_step: int) -> bool:
@@ -400,7 +411,8 @@ class StepRunner:
                 finite = finite & torch.isfinite(sums).all()
         return finite
 
-    def _apply(self, combined: Mapping[str, torch.Tensor | None]) -> None:
+    def _apply(self, combined: Mapping[str, torch.Tensor | None]) -> bool:
+        """Write the gradients, clip them, step the optimizer and return whether it stepped."""
         for name, parameter in self._named:
             grad = combined.get(name)
             parameter.grad = None if grad is None else grad.to(parameter.dtype)
@@ -409,9 +421,15 @@ class StepRunner:
             scaler.unscale_(self.optimizer)
         if self.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_([parameter for _, parameter in self._named], self.grad_clip_norm)
+        stepped = True
         if scaler is not None:
+            # GradScaler requires backoff_factor < 1 < growth_factor, so update() lowers the scale
+            # if and only if step() found inf or NaN and skipped the optimizer.
+            scale = scaler.get_scale()
             scaler.step(self.optimizer)
             scaler.update()
+            stepped = scaler.get_scale() >= scale
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return stepped

@@ -115,6 +115,46 @@ def test_fit_counts_and_reports_skipped_steps() -> None:
     assert len([event for event in sink.events() if event.name == "tolaria.anomaly.nonfinite"]) == 2
 
 
+# fp16 needs CUDA, so these tests put torch's CPU GradScaler on a float32 run. A scale near float32's
+# maximum makes the scaled gradients overflow, as fp16 gradients do while the scaler looks for its scale.
+HUGE_SCALE = 3e38
+
+
+def test_scaler_overflow_skips_update_bit_identically() -> None:
+    trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
+    trainer.precision.scaler = torch.amp.GradScaler("cpu", init_scale=HUGE_SCALE)
+    x, y_a, y_b = (tensor[:32] for tensor in regression_data())
+    parameters = [parameter.detach().clone() for parameter in trainer.model.parameters()]
+
+    outcome = trainer.runner.run((x, y_a, y_b), global_step=0)
+
+    assert not outcome.applied
+    assert outcome.scaler_skipped
+    assert not outcome.nonfinite
+    assert trainer.precision.scaler.get_scale() < HUGE_SCALE
+    for old, new in zip(parameters, trainer.model.parameters(), strict=True):
+        assert torch.equal(old, new.detach())
+
+
+def test_fit_reports_scaler_overflows_as_skips() -> None:
+    telemetry = Telemetry([sink := InMemorySink()])
+    trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"), telemetry=telemetry)
+    scaler = torch.amp.GradScaler("cpu", init_scale=HUGE_SCALE)
+    trainer.precision.scaler = scaler
+
+    result = trainer.fit()
+
+    skipped = result.epochs[0].skipped_steps
+    assert 1 <= skipped < 8
+    assert result.global_step == 8 - skipped
+    assert telemetry.counters["tolaria.amp.overflows"] == skipped
+    assert len([event for event in sink.events() if event.name == "tolaria.amp.overflow"]) == skipped
+    assert "tolaria.anomaly.nonfinite" not in telemetry.counters
+    assert trainer.guard.emergency.max_level == 0
+    # Each overflow halved the scale, and too few steps followed to raise it again.
+    assert scaler.get_scale() == pytest.approx(HUGE_SCALE * 0.5**skipped, rel=1e-6)
+
+
 def test_wrong_input_shape_gives_clear_error() -> None:
     trainer = make_trainer(TrainerConfig(epochs=1, device="cpu"))
     x = torch.randn(8, 5)

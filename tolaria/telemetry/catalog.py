@@ -56,7 +56,12 @@ _METRICS: Sequence[CatalogEntry] = (
     _metric("tolaria.val.loss", "gauge", "1", "Mean validation loss of one objective after the epoch.", "objective"),
     _metric("tolaria.val.accuracy", "gauge", "1", "Validation accuracy of one objective, from 0 to 1.", "objective"),
     _metric("tolaria.train.throughput", "gauge", "samples/s", "Training samples processed per second in the epoch."),
-    _metric("tolaria.train.skipped_steps", "gauge", "1", "Updates skipped in the epoch because of non-finite values."),
+    _metric(
+        "tolaria.train.skipped_steps",
+        "gauge",
+        "1",
+        "Updates skipped in the epoch because of non-finite values, fp16 GradScaler overflows included.",
+    ),
     _metric("tolaria.train.epoch_ms", "gauge", "ms", "Wall-clock time of the epoch, validation included."),
     _metric(
         "tolaria.gradients.batched_fallbacks",
@@ -134,6 +139,9 @@ _METRICS: Sequence[CatalogEntry] = (
     ),
     _metric("tolaria.anomaly.nonfinite", "counter", "1", "Steps skipped because a loss or gradient was not finite."),
     _metric("tolaria.anomaly.spike", "counter", "1", "Steps whose loss the monitor flagged as a spike."),
+    _metric(
+        "tolaria.amp.overflows", "counter", "1", "Steps whose update the fp16 GradScaler skipped after an overflow."
+    ),
     # Rollback and checkpoints.
     _metric(
         "tolaria.rollback.latency_ms", "histogram", "ms", "Time taken by one rollback, from start to restored state."
@@ -267,6 +275,12 @@ _EVENTS: Sequence[CatalogEntry] = (
         "reason epoch step",
     ),
     _event("tolaria.anomaly.spike", Level.WARNING, "A loss spike was detected.", "step"),
+    _event(
+        "tolaria.amp.overflow",
+        Level.INFO,
+        "The fp16 GradScaler found non-finite scaled gradients, skipped the update and lowered its scale.",
+        "reason epoch step",
+    ),
     # Rollback, checkpoints and profiling.
     _event(
         "tolaria.rollback.started",
