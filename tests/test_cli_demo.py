@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tolaria.cli import main
+from tolaria.cli.output import EpochTable
+from tolaria.results import EpochMetrics
 from tolaria.telemetry import read_jsonl
 
 SCRIPT = Path(sys.executable).with_name("tolaria")
@@ -110,3 +112,28 @@ def test_bad_option_in_subprocess_exits_2(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert "tolaria demo: error: --epochs: got -1" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(("aggregation", "cell"), [({"conflict_ratio": 1 / 3}, "0.333"), ({}, "-")])
+def test_epoch_table_conflict_cell(
+    aggregation: dict[str, float], cell: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # sum, mean and weighted compute statistics every stats_every steps, so an epoch can have none.
+    metrics = EpochMetrics(
+        epoch=0,
+        global_step=8,
+        train_loss={"a": 0.5},
+        val_loss={"a": 0.6},
+        val_accuracy={"a": 0.9},
+        aggregation=aggregation,
+        learning_rates=(0.01,),
+        samples_per_s=100.0,
+        skipped_steps=0,
+        wall_time_s=1.0,
+    )
+
+    EpochTable(["a"])(metrics)
+
+    cells = capsys.readouterr().out.split()
+    assert cells[3] == cell
+    assert "nan" not in cells

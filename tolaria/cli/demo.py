@@ -71,7 +71,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs=len(OBJECTIVES),
         metavar="W",
-        help=f"objective weights in the order {', '.join(OBJECTIVES)}; only with --aggregator weighted",
+        help=f"objective weights in the order {', '.join(OBJECTIVES)}; only with --aggregator weighted "
+        "(default: equal weights)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and order (default: 0)")
     parser.add_argument(

@@ -23,7 +23,9 @@ def finite_or_none(value: float) -> float | None:
 class EpochTable:
     """Prints one row per epoch: training loss and validation accuracy per objective.
 
-    Epochs are numbered from 1, as in ``tolaria report``; telemetry packets count from 0.
+    The ``conflict`` column is the epoch's mean conflict ratio, or ``-`` for an epoch
+    without aggregation statistics. Epochs are numbered from 1, as in ``tolaria
+    report``. Telemetry packets count them from 0.
 
     Args:
         objectives: column order.
@@ -45,9 +47,11 @@ class EpochTable:
         """Print the row of one epoch."""
         losses = " ".join(f"{metrics.train_loss.get(name, math.nan):7.4f}" for name in self.objectives)
         accuracy = " ".join(f"{metrics.val_accuracy.get(name, math.nan):6.3f}" for name in self.objectives)
-        conflict = metrics.aggregation.get("conflict_ratio", math.nan)
+        ratio = metrics.aggregation.get("conflict_ratio", math.nan)
+        # The linear aggregators compute statistics every stats_every steps, so an epoch may have none.
+        conflict = "-" if math.isnan(ratio) else f"{ratio:.3f}"
         print(
-            f"{metrics.epoch + 1:5d}  {losses}   {accuracy}   {conflict:8.3f}  {metrics.skipped_steps:7d}  "
+            f"{metrics.epoch + 1:5d}  {losses}   {accuracy}   {conflict:>8}  {metrics.skipped_steps:7d}  "
             f"{metrics.wall_time_s:6.2f}",
             flush=True,
         )
