@@ -101,8 +101,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FAULT@N",
         help="inject a fault (repeatable): tamiyo-hang@EPOCH, tamiyo-error@EPOCH, kasmina-hang@EPOCH, "
-        "kasmina-error@EPOCH, nan@STEP (NaN loss) or spike@STEP (losses x1000); STEP counts training "
-        "steps from 0, and spikes are detected after the loss monitor's warm-up of 16 steps",
+        "kasmina-error@EPOCH, nan@STEP (NaN loss) or spike@STEP (losses x1000); EPOCH and STEP count "
+        "from 0 (EPOCH 2 is row 3 of the table), and spikes are detected after the loss monitor's warm-up "
+        "of 16 steps",
     )
     parser.add_argument(
         "--resume",
