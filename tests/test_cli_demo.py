@@ -78,13 +78,17 @@ def test_console_script_matches_module(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--epochs", "0"], "--epochs: got 0; expected an integer >= 1"),
-        (["--lr", "-1"], "--lr: got -1.0; expected a finite number > 0"),
+        (["--lr", "-1"], "--lr: got -1.0; expected a finite number > 0 (default: 0.002)"),
         (["--lr", "nan"], "--lr: got nan"),
         (["--aggregator", "median"], "invalid choice: 'median'"),
-        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size: got 0; expected an integer >= 1"),
+        (["--threads", "0"], "--threads: got 0; expected an integer >= 1"),
         (["--device", "tpu"], "--device: got 'tpu'"),
         (["--epochs", "three"], "invalid int value: 'three'"),
-        (["--weights", "1", "2", "3"], "--weights: got (1.0, 2.0, 3.0); expected None"),
+        (
+            ["--weights", "1", "2", "3"],
+            "--weights: got 1 2 3 with --aggregator pcgrad, which takes no weights; add --aggregator weighted",
+        ),
     ],
 )
 def test_bad_option_exits_2_and_writes_nothing(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = ["add_demo_arguments", "build_config", "run_demo"]
 
 RUN_MARKERS = ("telemetry.jsonl", "summary.json")
 DEFAULT_EPOCHS = 12
+DEFAULT_LR = 2e-3
 OPTIONS_FILE = "demo_options.json"
 SAVED_OPTIONS = ("epochs", "aggregator", "weights", "seed", "device", "batch_size", "lr", "inject")
 # The demo rolls back on the first spike to show the feature on a short run; the
@@ -86,7 +88,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="training samples per step (default: 32). Below 8 the losses are noisy enough for the spike "
         "detector to roll back repeatedly, which can halt the run with exit code 3",
     )
-    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 0.002)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default: {DEFAULT_LR:g})")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.add_argument(
         "--threads",
@@ -181,8 +183,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     Raises:
         UsageError: an option has an invalid value; the message names the option.
     """
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    _check_option_values(args)
     if args.resume is None:
         out_dir = args.out if args.out is not None else _default_run_dir(args.aggregator, args.seed)
         _check_new_run_dir(out_dir)
@@ -209,6 +210,27 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     except ValueError as error:
         raise UsageError(_name_options(str(error))) from error
     return config
+
+
+def _check_option_values(args: argparse.Namespace) -> None:
+    """Raise ``UsageError`` for the option values that ``TrainerConfig`` would reject in Python API terms.
+
+    For example, ``TrainerConfig`` expects ``weights=None`` for an aggregator without
+    weights, while the command line has to say which option to add. ``TrainerConfig``
+    checks the remaining values.
+    """
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: got {args.batch_size}; expected an integer >= 1")
+    if args.threads < 1:
+        raise UsageError(f"--threads: got {args.threads}; expected an integer >= 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr: got {args.lr}; expected a finite number > 0 (default: {DEFAULT_LR:g})")
+    if args.weights is not None and args.aggregator != "weighted":
+        weights_text = " ".join(f"{weight:g}" for weight in args.weights)
+        raise UsageError(
+            f"--weights: got {weights_text} with --aggregator {args.aggregator}, which takes no weights; "
+            "add --aggregator weighted to use them"
+        )
 
 
 def _fault_plan(tokens: list[str]) -> FaultPlan:
@@ -270,8 +292,6 @@ def run_demo(args: argparse.Namespace) -> int:
     plan = _fault_plan(args.inject)
     if args.resume is not None:
         _check_resume_target(args.resume, config.epochs)
-    if args.threads < 1:
-        raise UsageError(f"--threads must be an integer >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     out_dir = config.out_dir or Path(".")
     # Every rank validates the options before rank 0 creates anything in the run folder.
