@@ -338,12 +338,12 @@ def gram_matrix(matrix: GradientMatrix) -> Tensor:
     """
     # NOTE: accelerator blocks stay one product each. Their BLAS libraries reduce
     # differently, and the error of such thin products has not been measured there.
-    whole = [block.matrix for block in matrix.blocks] + [_columns.stacked_rows(column) for column in matrix.columns]
+    row_blocks = [block.matrix for block in matrix.blocks]
+    row_blocks += [_columns.stacked_rows(column) for column in matrix.columns]
     parts: list[Tensor] = []
-    for rows in whole:
-        width = rows.shape[1]
-        if rows.device.type == "cpu" and width > GRAM_CHUNK_NUMEL:
-            parts.extend(rows.split_with_sizes(_chunk_sizes(width), dim=1))
+    for rows in row_blocks:
+        if rows.device.type == "cpu":
+            parts.extend(_column_chunks(rows))
         else:
             parts.append(rows)
     return _sum_of_products(parts, matrix)
@@ -389,10 +389,7 @@ def host_gram(matrix: GradientMatrix) -> list[list[float]]:
     total = [[0.0] * count for _ in range(count)]
     rest = []
     for block in matrix.blocks:
-        rows = block.matrix
-        width = rows.shape[1]
-        chunks = [rows] if width <= GRAM_CHUNK_NUMEL else rows.split_with_sizes(_chunk_sizes(width), dim=1)
-        for chunk in chunks:
+        for chunk in _column_chunks(block.matrix):
             if count <= TRIANGLE_MAX_OBJECTIVES and chunk.shape[1] >= WIDE_BLOCK_NUMEL and chunk.device.type == "cpu":
                 _add_triangle(total, chunk)
             else:
@@ -409,9 +406,13 @@ def host_gram(matrix: GradientMatrix) -> list[list[float]]:
     return total
 
 
-def _chunk_sizes(width: int) -> list[int]:
+def _column_chunks(rows: Tensor) -> Sequence[Tensor]:
+    """Return ``rows`` ([n, width]) cut into column chunks of at most ``GRAM_CHUNK_NUMEL`` (views)."""
+    width = rows.shape[1]
+    if width <= GRAM_CHUNK_NUMEL:
+        return [rows]
     full, tail = divmod(width, GRAM_CHUNK_NUMEL)
-    return [GRAM_CHUNK_NUMEL] * full + ([tail] if tail else [])
+    return rows.split_with_sizes([GRAM_CHUNK_NUMEL] * full + ([tail] if tail else []), dim=1)
 
 
 def _add_triangle(total: list[list[float]], rows: Tensor) -> None:
